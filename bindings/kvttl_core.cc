@@ -1,0 +1,540 @@
+// The one bindings file: kvttl._core. Converts Python input to spans, maps C++
+// errors onto kvttl.errors, and never links torch (arrays cross as buffers /
+// DLPack through nb::ndarray).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include <climits>
+#include <cmath>
+#include <cstring>
+
+#include "kvttl/block_pool.h"
+#include "kvttl/lease_table.h"
+
+#ifdef KVTTL_WITH_CUDA
+#include "cuda_probe.h"
+#endif
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using kvttl::BadArgument;
+using kvttl::BlockHash;
+using kvttl::BlockId;
+
+namespace {
+
+using IdArray = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>;
+
+// ---- input conversion ------------------------------------------------------
+
+const char* type_name(PyObject* o) { return Py_TYPE(o)->tp_name; }
+
+std::string dtype_name(nb::dlpack::dtype dt) {
+  static const char* kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+  const char* kind = dt.code < 7 ? kinds[dt.code] : "unknown";
+  return kvttl::detail::cat(kind, int(dt.bits));
+}
+
+// Reads one Python integer (int, numpy integer, anything with __index__).
+// Returns false if the object is not an integer; *overflow set if it does not
+// fit in a signed or unsigned 64-bit value.
+bool read_int(PyObject* item, long long* value, unsigned long long* uvalue, bool* is_unsigned) {
+  *is_unsigned = false;
+  PyObject* index = nullptr;
+  if (!PyLong_Check(item) || PyBool_Check(item)) {
+    if (PyBool_Check(item) || PyFloat_Check(item)) return false;
+    index = PyNumber_Index(item);
+    if (!index) {
+      PyErr_Clear();
+      return false;
+    }
+    item = index;
+  }
+  int overflow = 0;
+  *value = PyLong_AsLongLongAndOverflow(item, &overflow);
+  if (overflow > 0) {
+    *uvalue = PyLong_AsUnsignedLongLong(item);
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      Py_XDECREF(index);
+      throw BadArgument("integer does not fit in 64 bits");
+    }
+    *is_unsigned = true;
+  } else if (overflow < 0) {
+    Py_XDECREF(index);
+    throw BadArgument("integer does not fit in 64 bits");
+  }
+  Py_XDECREF(index);
+  return true;
+}
+
+// Reads a 1-D integer array from a buffer / DLPack object, or returns false.
+template <typename Sink>
+bool read_array(nb::handle obj, const char* what, Sink&& sink, size_t* count) {
+  nb::ndarray<nb::ro, nb::device::cpu> arr;
+  if (!nb::try_cast(obj, arr, false)) return false;
+  const auto dt = arr.dtype();
+  KVTTL_CHECK(arr.ndim() == 1 || (arr.ndim() == 0 && arr.size() == 0), BadArgument, what,
+              ": expected a 1-D array, got ", arr.ndim(), " dimensions");
+  const bool is_int = dt.code == uint8_t(nb::dlpack::dtype_code::Int);
+  const bool is_uint = dt.code == uint8_t(nb::dlpack::dtype_code::UInt);
+  KVTTL_CHECK((is_int || is_uint) && (dt.bits == 8 || dt.bits == 16 || dt.bits == 32 || dt.bits == 64),
+              BadArgument, what, ": expected an integer array, got dtype ", dtype_name(dt));
+  const size_t n = arr.ndim() == 0 ? 0 : arr.shape(0);
+  *count = n;
+  const int64_t stride = arr.ndim() == 0 ? 1 : arr.stride(0);
+  const auto* base = static_cast<const uint8_t*>(arr.data());
+  const size_t item = dt.bits / 8;
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t* p = base + static_cast<int64_t>(i) * stride * static_cast<int64_t>(item);
+    switch (dt.bits | (is_uint ? 1 : 0)) {
+      case 8: sink(i, (long long)*reinterpret_cast<const int8_t*>(p), false); break;
+      case 9: sink(i, (long long)*p, false); break;
+      case 16: sink(i, (long long)*reinterpret_cast<const int16_t*>(p), false); break;
+      case 17: sink(i, (long long)*reinterpret_cast<const uint16_t*>(p), false); break;
+      case 32: sink(i, (long long)*reinterpret_cast<const int32_t*>(p), false); break;
+      case 33: sink(i, (long long)*reinterpret_cast<const uint32_t*>(p), false); break;
+      case 64: sink(i, (long long)*reinterpret_cast<const int64_t*>(p), false); break;
+      case 65: {
+        uint64_t u;
+        std::memcpy(&u, p, 8);
+        sink(i, (long long)u, u > (uint64_t)LLONG_MAX);
+        break;
+      }
+    }
+  }
+  return true;
+}
+
+// Calls sink(i, value, is_unsigned_overflow) for each integer in a list, tuple,
+// array or other iterable of integers.
+template <typename Sink>
+size_t read_ints(nb::handle obj, const char* what, Sink&& sink, size_t* count) {
+  PyObject* o = obj.ptr();
+  auto from_fast = [&](PyObject* seq) {
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    *count = static_cast<size_t>(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      long long v;
+      unsigned long long u;
+      bool is_u;
+      KVTTL_CHECK(read_int(items[i], &v, &u, &is_u), BadArgument, what,
+                  ": expected integers, item ", i, " is ", type_name(items[i]));
+      sink(static_cast<size_t>(i), is_u ? (long long)u : v, is_u);
+    }
+  };
+  if (PyList_Check(o) || PyTuple_Check(o)) {
+    from_fast(o);
+    return *count;
+  }
+  KVTTL_CHECK(!PyUnicode_Check(o) && !PyBytes_Check(o) && o != Py_None, BadArgument, what,
+              ": expected a sequence or array of integers, got ", type_name(o));
+  if (read_array(obj, what, sink, count)) return *count;
+  PyObject* seq = PySequence_Fast(o, "");
+  if (!seq) {
+    PyErr_Clear();
+    throw BadArgument(kvttl::detail::cat(what, ": expected a sequence or array of integers, got ",
+                                         type_name(o)));
+  }
+  try {
+    from_fast(seq);
+  } catch (...) {
+    Py_DECREF(seq);
+    throw;
+  }
+  Py_DECREF(seq);
+  return *count;
+}
+
+// Block ids into a reusable buffer. The range is checked here, before the
+// narrowing to int32, so the message shows the caller's own value.
+kvttl::IdSpan parse_ids(nb::handle obj, std::vector<BlockId>& buf, int64_t capacity,
+                        const char* what) {
+  buf.clear();
+  size_t n = 0;
+  read_ints(
+      obj, what,
+      [&](size_t i, long long v, bool is_unsigned) {
+        if (is_unsigned || v < 0 || v >= capacity) {
+          throw kvttl::UnknownBlock(kvttl::detail::cat(
+              what, ": block id ", is_unsigned ? std::to_string((unsigned long long)v) : std::to_string(v),
+              " (position ", i, ") is outside [0, ", capacity, ")"));
+        }
+        if (buf.size() <= i) buf.resize(i + 1);
+        buf[i] = static_cast<BlockId>(v);
+      },
+      &n);
+  buf.resize(n);
+  return {buf.data(), buf.size()};
+}
+
+// Hashes: any integer in [-2^63, 2^64) (Python's hash() is signed; a
+// negative value is taken modulo 2^64).
+kvttl::HashSpan parse_hashes(nb::handle obj, std::vector<BlockHash>& buf, const char* what) {
+  buf.clear();
+  size_t n = 0;
+  read_ints(
+      obj, what,
+      [&](size_t i, long long v, bool) {
+        if (buf.size() <= i) buf.resize(i + 1);
+        buf[i] = static_cast<BlockHash>(v);
+      },
+      &n);
+  buf.resize(n);
+  return {buf.data(), buf.size()};
+}
+
+kvttl::Owner parse_owner(nb::handle h) {
+  PyObject* o = h.ptr();
+  if (PyUnicode_Check(o)) {
+    Py_ssize_t size;
+    const char* s = PyUnicode_AsUTF8AndSize(o, &size);
+    if (!s) {
+      PyErr_Clear();
+      throw BadArgument("owner: string is not valid UTF-8");
+    }
+    return std::string(s, static_cast<size_t>(size));
+  }
+  if (PyLong_Check(o) && !PyBool_Check(o)) {
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    KVTTL_CHECK(overflow == 0, BadArgument, "owner: integer owner ids must fit in 64 bits");
+    return static_cast<int64_t>(v);
+  }
+  throw BadArgument(kvttl::detail::cat("owner must be a str or an int (a program id), got ",
+                                       type_name(o)));
+}
+
+thread_local std::vector<BlockId> tl_ids;
+thread_local std::vector<BlockHash> tl_hashes;
+
+IdArray make_id_array(const BlockId* src, size_t n) {
+  auto* data = new BlockId[n ? n : 1];
+  if (n) std::memcpy(data, src, n * sizeof(BlockId));
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<BlockId*>(p); });
+  return IdArray(data, {n}, owner);
+}
+
+double to_seconds(nb::handle h, const char* what) {
+  PyObject* o = h.ptr();
+  const double v = PyFloat_AsDouble(o);
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw BadArgument(kvttl::detail::cat(what, ": expected a number of seconds, got ", type_name(o)));
+  }
+  return v;
+}
+
+int64_t to_int(nb::handle h, const char* what) {
+  long long v;
+  unsigned long long u;
+  bool is_unsigned;
+  KVTTL_CHECK(read_int(h.ptr(), &v, &u, &is_unsigned) && !is_unsigned, BadArgument, what,
+              ": expected an integer that fits in 64 bits, got ", type_name(h.ptr()));
+  return v;
+}
+
+kvttl::RevokeOrder parse_order(const std::string& name) {
+  if (name == "latest_granted") return kvttl::RevokeOrder::kLatestGranted;
+  if (name == "earliest_deadline") return kvttl::RevokeOrder::kEarliestDeadline;
+  if (name == "lowest_priority") return kvttl::RevokeOrder::kLowestPriority;
+  if (name == "most_blocks") return kvttl::RevokeOrder::kMostBlocks;
+  throw BadArgument("revoke: unknown order '" + name +
+                    "'; known: latest_granted, earliest_deadline, lowest_priority, most_blocks");
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "kvttl native core: BlockPool and LeaseTable (see kvttl.core for the Python API).";
+
+  // ---- errors: C++ types onto kvttl.errors -----------------------------------
+  nb::module_ errors = nb::module_::import_("kvttl.errors");
+  static PyObject* bad_argument = errors.attr("BadArgumentError").inc_ref().ptr();
+  static PyObject* unknown_block = errors.attr("UnknownBlockError").inc_ref().ptr();
+  static PyObject* double_free = errors.attr("DoubleFreeError").inc_ref().ptr();
+  static PyObject* out_of_blocks = errors.attr("OutOfBlocksError").inc_ref().ptr();
+  static PyObject* internal = errors.attr("InternalError").inc_ref().ptr();
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const kvttl::BadArgument& e) {
+      PyErr_SetString(bad_argument, e.what());
+    } catch (const kvttl::UnknownBlock& e) {
+      PyErr_SetString(unknown_block, e.what());
+    } catch (const kvttl::DoubleFree& e) {
+      PyErr_SetString(double_free, e.what());
+    } catch (const kvttl::OutOfBlocks& e) {
+      PyErr_SetString(out_of_blocks, e.what());
+    } catch (const kvttl::Error& e) {
+      PyErr_SetString(internal, e.what());
+    }
+  });
+
+  // ---- build info ------------------------------------------------------------
+  m.def("build_info", []() {
+    nb::dict d;
+#ifdef KVTTL_WITH_CUDA
+    d["cuda"] = true;
+    d["cuda_runtime_version"] = kvttl::cuda::runtime_version_built();
+#else
+    d["cuda"] = false;
+    d["cuda_runtime_version"] = nb::none();
+#endif
+#ifdef KVTTL_DEBUG_CHECKS
+    d["debug_checks"] = true;
+#else
+    d["debug_checks"] = false;
+#endif
+#ifdef KVTTL_SANITIZE
+    d["sanitizers"] = KVTTL_SANITIZE;
+#else
+    d["sanitizers"] = nb::none();
+#endif
+#if defined(__clang__)
+    d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+    d["compiler"] = "unknown";
+#endif
+    return d;
+  });
+
+  m.def("cuda_probe", []() {
+    nb::dict d;
+#ifdef KVTTL_WITH_CUDA
+    std::string error;
+    const int n = kvttl::cuda::device_count(&error);
+    d["num_devices"] = n;
+    d["error"] = error.empty() ? nb::none() : nb::cast(error);
+#else
+    d["num_devices"] = 0;
+    d["error"] = "kvttl was built without CUDA (KVTTL_CUDA=OFF or no CUDA toolkit found)";
+#endif
+    return d;
+  });
+
+  // ---- result types ------------------------------------------------------------
+  nb::class_<kvttl::LeaseInfo>(m, "LeaseInfo")
+      .def_ro("lease_id", &kvttl::LeaseInfo::lease_id)
+      .def_ro("owner", &kvttl::LeaseInfo::owner)
+      .def_ro("granted_at", &kvttl::LeaseInfo::granted_at)
+      .def_ro("deadline", &kvttl::LeaseInfo::deadline)
+      .def_ro("num_blocks", &kvttl::LeaseInfo::num_blocks)
+      .def_ro("tool", &kvttl::LeaseInfo::tool)
+      .def_ro("num_tokens", &kvttl::LeaseInfo::num_tokens)
+      .def_ro("priority", &kvttl::LeaseInfo::priority)
+      .def_ro("num_blocks_freed", &kvttl::LeaseInfo::num_blocks_freed)
+      .def("__repr__", [](const kvttl::LeaseInfo& l) {
+        std::string owner = std::holds_alternative<std::string>(l.owner)
+                                ? "'" + std::get<std::string>(l.owner) + "'"
+                                : std::to_string(std::get<int64_t>(l.owner));
+        return kvttl::detail::cat("LeaseInfo(lease_id=", l.lease_id, ", owner=", owner,
+                                  ", num_blocks=", l.num_blocks, ", granted_at=", l.granted_at,
+                                  ", deadline=", l.deadline, ", tool='", l.tool, "')");
+      });
+
+  nb::class_<kvttl::GrantResult>(m, "GrantResult")
+      .def_prop_ro("granted",
+                   [](const kvttl::GrantResult& g) { return g.status == kvttl::GrantStatus::kGranted; })
+      .def_ro("lease_id", &kvttl::GrantResult::lease_id)
+      .def_ro("deadline", &kvttl::GrantResult::deadline)
+      .def_prop_ro("replaced_lease_id",
+                   [](const kvttl::GrantResult& g) -> nb::object {
+                     return g.replaced_lease_id ? nb::cast(g.replaced_lease_id) : nb::none();
+                   })
+      .def_ro("reason", &kvttl::GrantResult::reason)
+      .def("__bool__", [](const kvttl::GrantResult& g) { return g.status == kvttl::GrantStatus::kGranted; })
+      .def("__repr__", [](const kvttl::GrantResult& g) {
+        return g.status == kvttl::GrantStatus::kGranted
+                   ? kvttl::detail::cat("GrantResult(granted=True, lease_id=", g.lease_id,
+                                        ", deadline=", g.deadline, ")")
+                   : "GrantResult(granted=False, reason='" + g.reason + "')";
+      });
+
+  nb::class_<kvttl::RevokeResult>(m, "RevokeResult")
+      .def_ro("revoked", &kvttl::RevokeResult::revoked)
+      .def_ro("num_blocks_freed", &kvttl::RevokeResult::num_blocks_freed)
+      .def("__repr__", [](const kvttl::RevokeResult& r) {
+        return kvttl::detail::cat("RevokeResult(num_revoked=", r.revoked.size(),
+                                  ", num_blocks_freed=", r.num_blocks_freed, ")");
+      });
+
+  // ---- BlockPool -----------------------------------------------------------------
+  nb::class_<kvttl::BlockPool>(m, "BlockPool")
+      .def("__init__",
+           [](kvttl::BlockPool* p, nb::handle num_blocks) {
+             new (p) kvttl::BlockPool(to_int(num_blocks, "BlockPool: num_blocks"));
+           },
+           "num_blocks"_a)
+      .def("allocate",
+           [](kvttl::BlockPool& p, nb::handle n_obj) -> nb::object {
+             const int64_t n = to_int(n_obj, "allocate");
+             if (n < 0) throw BadArgument(kvttl::detail::cat("allocate: n must be >= 0, got ", n));
+             if (n > p.capacity())
+               throw kvttl::OutOfBlocks(kvttl::detail::cat("allocate: asked for ", n,
+                                                           " blocks but the pool has only ",
+                                                           p.capacity(), " in all"));
+             auto* data = new BlockId[n ? n : 1];
+             nb::capsule owner(data, [](void* ptr) noexcept { delete[] static_cast<BlockId*>(ptr); });
+             if (!p.allocate(n, data)) return nb::none();
+             return nb::cast(IdArray(data, {static_cast<size_t>(n)}, owner));
+           },
+           "n"_a)
+      .def("add_ref",
+           [](kvttl::BlockPool& p, nb::handle ids) {
+             p.add_ref(parse_ids(ids, tl_ids, p.capacity(), "add_ref"));
+           },
+           "ids"_a)
+      .def("drop_ref",
+           [](kvttl::BlockPool& p, nb::handle ids) {
+             return p.drop_ref(parse_ids(ids, tl_ids, p.capacity(), "drop_ref"));
+           },
+           "ids"_a)
+      .def("register_hashes",
+           [](kvttl::BlockPool& p, nb::handle ids, nb::handle hashes) {
+             auto id_span = parse_ids(ids, tl_ids, p.capacity(), "register_hashes");
+             return p.register_hashes(id_span, parse_hashes(hashes, tl_hashes, "register_hashes"));
+           },
+           "ids"_a, "hashes"_a)
+      .def("lookup_prefix",
+           [](const kvttl::BlockPool& p, nb::handle hashes) {
+             auto span = parse_hashes(hashes, tl_hashes, "lookup_prefix");
+             tl_ids.resize(span.size);
+             return make_id_array(tl_ids.data(), p.lookup_prefix(span, tl_ids.data()));
+           },
+           "hashes"_a)
+      .def("acquire_prefix",
+           [](kvttl::BlockPool& p, nb::handle hashes) {
+             auto span = parse_hashes(hashes, tl_hashes, "acquire_prefix");
+             tl_ids.resize(span.size);
+             return make_id_array(tl_ids.data(), p.acquire_prefix(span, tl_ids.data()));
+           },
+           "hashes"_a)
+      .def("evict",
+           [](kvttl::BlockPool& p, nb::handle ids) {
+             return p.evict(parse_ids(ids, tl_ids, p.capacity(), "evict"));
+           },
+           "ids"_a)
+      .def_prop_ro("capacity", &kvttl::BlockPool::capacity)
+      .def_prop_ro("num_free", &kvttl::BlockPool::num_free)
+      .def_prop_ro("num_cached", &kvttl::BlockPool::num_cached)
+      .def_prop_ro("num_referenced", &kvttl::BlockPool::num_referenced)
+      .def_prop_ro("num_evictable", &kvttl::BlockPool::num_evictable)
+      .def_prop_ro("num_pinned", &kvttl::BlockPool::num_pinned)
+      .def("ref_count", [](const kvttl::BlockPool& p, nb::handle id) { return p.ref_count(to_int(id, "ref_count")); }, "id"_a)
+      .def("pin_count", [](const kvttl::BlockPool& p, nb::handle id) { return p.pin_count(to_int(id, "pin_count")); }, "id"_a)
+      .def("block_hash",
+           [](const kvttl::BlockPool& p, nb::handle id) -> nb::object {
+             BlockHash h;
+             return p.block_hash(to_int(id, "block_hash"), &h) ? nb::cast(h) : nb::none();
+           },
+           "id"_a)
+      .def("queue_order", &kvttl::BlockPool::queue_order)
+      .def("check_invariants", &kvttl::BlockPool::check_invariants);
+
+  // ---- LeaseTable ----------------------------------------------------------------
+  nb::class_<kvttl::LeaseTable>(m, "LeaseTable")
+      .def("__init__",
+           [](kvttl::LeaseTable* t, kvttl::BlockPool& pool, nb::handle cap) {
+             new (t) kvttl::LeaseTable(pool, to_seconds(cap, "LeaseTable: pinned_share_cap"));
+           },
+           "pool"_a, "pinned_share_cap"_a, nb::keep_alive<1, 2>())
+      .def("grant",
+           [](kvttl::LeaseTable& t, nb::handle owner, nb::handle blocks, nb::handle now,
+              nb::handle ttl, const std::string& tool, nb::handle num_tokens, nb::handle priority) {
+             const auto o = parse_owner(owner);
+             const double now_s = to_seconds(now, "grant");
+             const double ttl_s = to_seconds(ttl, "grant");
+             return t.grant(o, parse_ids(blocks, tl_ids, t.pool().capacity(), "grant"), now_s, ttl_s,
+                            tool, to_int(num_tokens, "grant: num_tokens"),
+                            to_seconds(priority, "grant: priority"));
+           },
+           "owner"_a, "blocks"_a, "now"_a, "ttl"_a, "tool"_a, "num_tokens"_a,
+           "priority"_a)
+      .def("release",
+           [](kvttl::LeaseTable& t, nb::handle owner, uint64_t lease_id) -> nb::object {
+             kvttl::LeaseInfo info;
+             if (!t.release(parse_owner(owner), lease_id, &info)) return nb::none();
+             return nb::cast(std::move(info));
+           },
+           "owner"_a, "lease_id"_a)
+      .def("expire",
+           [](kvttl::LeaseTable& t, nb::handle now) {
+             const double now_s = to_seconds(now, "expire");
+             std::vector<kvttl::LeaseInfo> out;
+             {
+               nb::gil_scoped_release unlocked;
+               out = t.expire(now_s);
+             }
+             return out;
+           },
+           "now"_a)
+      .def("renew",
+           [](kvttl::LeaseTable& t, nb::handle owner, nb::handle now, nb::handle ttl) {
+             return t.renew(parse_owner(owner), to_seconds(now, "renew"), to_seconds(ttl, "renew"));
+           },
+           "owner"_a, "now"_a, "ttl"_a)
+      .def("extend",
+           [](kvttl::LeaseTable& t, nb::handle owner, nb::handle seconds) {
+             return t.extend(parse_owner(owner), to_seconds(seconds, "extend"));
+           },
+           "owner"_a, "seconds"_a)
+      .def("demote",
+           [](kvttl::LeaseTable& t, nb::handle owner, nb::handle now, nb::handle ttl,
+              nb::handle keep_blocks) -> nb::object {
+             int64_t freed = 0;
+             if (!t.demote(parse_owner(owner), to_seconds(now, "demote"), to_seconds(ttl, "demote"),
+                           to_int(keep_blocks, "demote: keep_blocks"), &freed))
+               return nb::none();
+             return nb::cast(freed);
+           },
+           "owner"_a, "now"_a, "ttl"_a, "keep_blocks"_a)
+      .def("revoke",
+           [](kvttl::LeaseTable& t, nb::handle num_blocks, const std::string& order) {
+             const auto o = parse_order(order);
+             const int64_t n = to_int(num_blocks, "revoke: num_blocks");
+             kvttl::RevokeResult r;
+             {
+               nb::gil_scoped_release unlocked;
+               r = t.revoke(n, o);
+             }
+             return r;
+           },
+           "num_blocks"_a, "order"_a)
+      .def("revoke_in_order",
+           [](kvttl::LeaseTable& t, nb::handle num_blocks, const std::vector<uint64_t>& lease_ids) {
+             return t.revoke_in_order(to_int(num_blocks, "revoke: num_blocks"), lease_ids);
+           },
+           "num_blocks"_a, "lease_ids"_a)
+      .def("release_all", &kvttl::LeaseTable::release_all)
+      .def("get",
+           [](const kvttl::LeaseTable& t, nb::handle owner) -> nb::object {
+             kvttl::LeaseInfo info;
+             if (!t.get(parse_owner(owner), &info)) return nb::none();
+             return nb::cast(std::move(info));
+           },
+           "owner"_a)
+      .def("blocks",
+           [](const kvttl::LeaseTable& t, nb::handle owner) {
+             const auto ids = t.blocks(parse_owner(owner));
+             return make_id_array(ids.data(), ids.size());
+           },
+           "owner"_a)
+      .def("leases", &kvttl::LeaseTable::leases)
+      .def("older_than",
+           [](const kvttl::LeaseTable& t, nb::handle now, nb::handle max_age) {
+             return t.older_than(to_seconds(now, "older_than"), to_seconds(max_age, "older_than"));
+           },
+           "now"_a, "max_age"_a)
+      .def_prop_ro("num_leases", &kvttl::LeaseTable::num_leases)
+      .def_prop_ro("pinned_share_cap", &kvttl::LeaseTable::pinned_share_cap)
+      .def_prop_ro("max_pinned_blocks", &kvttl::LeaseTable::max_pinned_blocks)
+      .def_prop_ro("heap_size", &kvttl::LeaseTable::heap_size)
+      .def("check_invariants", &kvttl::LeaseTable::check_invariants);
+}
