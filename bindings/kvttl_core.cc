@@ -26,7 +26,46 @@ using kvttl::BlockId;
 
 namespace {
 
-using IdArray = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>;
+// Why a type of our own rather than numpy arrays: creating a numpy array
+// through nanobind costs ~1 us and importing one ~0.5 us, more than the whole
+// 64-block operation. BlockIds is an immutable int32 vector that exports the
+// buffer protocol (np.asarray(ids) is zero-copy) and is read back without any
+// conversion when passed to the next call.
+struct BlockIds {
+  std::vector<BlockId> ids;
+  Py_ssize_t shape = 0;
+  Py_ssize_t stride = sizeof(BlockId);
+  explicit BlockIds(std::vector<BlockId> v) : ids(std::move(v)), shape(static_cast<Py_ssize_t>(ids.size())) {}
+};
+
+BlockId kEmptyIds[1] = {0};
+
+int block_ids_getbuffer(PyObject* self, Py_buffer* view, int flags) {
+  BlockIds* b = nb::inst_ptr<BlockIds>(self);
+  if (flags & PyBUF_WRITABLE) {
+    PyErr_SetString(PyExc_BufferError, "kvttl.BlockIds is read-only");
+    view->obj = nullptr;
+    return -1;
+  }
+  view->obj = self;
+  Py_INCREF(self);
+  view->buf = b->ids.empty() ? kEmptyIds : b->ids.data();
+  view->len = b->shape * static_cast<Py_ssize_t>(sizeof(BlockId));
+  view->readonly = 1;
+  view->itemsize = sizeof(BlockId);
+  view->format = (flags & PyBUF_FORMAT) ? const_cast<char*>("i") : nullptr;
+  view->ndim = 1;
+  view->shape = (flags & PyBUF_ND) ? &b->shape : nullptr;
+  view->strides = (flags & PyBUF_STRIDES) ? &b->stride : nullptr;
+  view->suboffsets = nullptr;
+  view->internal = nullptr;
+  return 0;
+}
+
+PyType_Slot block_ids_slots[] = {{Py_bf_getbuffer, reinterpret_cast<void*>(block_ids_getbuffer)},
+                                 {0, nullptr}};
+
+nb::object make_ids(std::vector<BlockId>&& v) { return nb::cast(BlockIds(std::move(v))); }
 
 // ---- input conversion ------------------------------------------------------
 
@@ -152,8 +191,29 @@ size_t read_ints(nb::handle obj, const char* what, Sink&& sink, size_t* count) {
 
 // Block ids into a reusable buffer. The range is checked here, before the
 // narrowing to int32, so the message shows the caller's own value.
+// Native-endian int32 buffers (BlockIds, numpy int32) are read in place;
+// everything else is converted into buf, range-checked on the way.
 kvttl::IdSpan parse_ids(nb::handle obj, std::vector<BlockId>& buf, int64_t capacity,
                         const char* what) {
+  BlockIds* own = nullptr;
+  if (nb::try_cast<BlockIds*>(obj, own, false) && own) return {own->ids.data(), own->ids.size()};
+  if (!PyList_Check(obj.ptr()) && PyObject_CheckBuffer(obj.ptr())) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
+      const char* f = view.format ? view.format : "B";
+      if (*f == '@' || *f == '=') ++f;
+      const bool int32 = view.itemsize == 4 && (f[0] == 'i' || f[0] == 'l') && f[1] == 0;
+      if (int32 && view.ndim == 1) {
+        buf.assign(static_cast<const BlockId*>(view.buf),
+                   static_cast<const BlockId*>(view.buf) + view.len / 4);
+        PyBuffer_Release(&view);
+        return {buf.data(), buf.size()};
+      }
+      PyBuffer_Release(&view);
+    } else {
+      PyErr_Clear();
+    }
+  }
   buf.clear();
   size_t n = 0;
   read_ints(
@@ -171,6 +231,8 @@ kvttl::IdSpan parse_ids(nb::handle obj, std::vector<BlockId>& buf, int64_t capac
   buf.resize(n);
   return {buf.data(), buf.size()};
 }
+
+std::vector<BlockId> to_vector(kvttl::IdSpan span) { return {span.begin(), span.end()}; }
 
 // Hashes: any integer in [-2^63, 2^64) (Python's hash() is signed; a
 // negative value is taken modulo 2^64).
@@ -212,19 +274,14 @@ kvttl::Owner parse_owner(nb::handle h) {
 thread_local std::vector<BlockId> tl_ids;
 thread_local std::vector<BlockHash> tl_hashes;
 
-IdArray make_id_array(const BlockId* src, size_t n) {
-  auto* data = new BlockId[n ? n : 1];
-  if (n) std::memcpy(data, src, n * sizeof(BlockId));
-  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<BlockId*>(p); });
-  return IdArray(data, {n}, owner);
-}
 
 double to_seconds(nb::handle h, const char* what) {
   PyObject* o = h.ptr();
+  KVTTL_CHECK(!PyBool_Check(o), BadArgument, what, ": expected a number, got bool");
   const double v = PyFloat_AsDouble(o);
   if (v == -1.0 && PyErr_Occurred()) {
     PyErr_Clear();
-    throw BadArgument(kvttl::detail::cat(what, ": expected a number of seconds, got ", type_name(o)));
+    throw BadArgument(kvttl::detail::cat(what, ": expected a number, got ", type_name(o)));
   }
   return v;
 }
@@ -365,13 +422,66 @@ NB_MODULE(_core, m) {
                                   ", num_blocks_freed=", r.num_blocks_freed, ")");
       });
 
+  // ---- BlockIds ------------------------------------------------------------------
+  nb::class_<BlockIds>(m, "BlockIds", nb::type_slots(block_ids_slots),
+                       "Immutable int32 block ids. Supports len, indexing, slicing, iteration, "
+                       "the buffer protocol (np.asarray(ids) is zero-copy) and tolist().")
+      .def("__init__",
+           [](BlockIds* self, nb::handle ids) {
+             new (self) BlockIds(to_vector(parse_ids(ids, tl_ids, INT32_MAX, "BlockIds")));
+           },
+           "ids"_a.none())
+      .def("__len__", [](const BlockIds& b) { return b.ids.size(); })
+      .def("__getitem__",
+           [](const BlockIds& b, Py_ssize_t i) {
+             const Py_ssize_t n = b.shape;
+             if (i < 0) i += n;
+             if (i < 0 || i >= n) throw nb::index_error("BlockIds index out of range");
+             return b.ids[static_cast<size_t>(i)];
+           })
+      .def("__getitem__",
+           [](const BlockIds& b, nb::slice slice) {
+             auto [start, stop, step, length] = slice.compute(b.ids.size());
+             std::vector<BlockId> out(length);
+             for (size_t k = 0; k < length; ++k) out[k] = b.ids[static_cast<size_t>(start + static_cast<Py_ssize_t>(k) * step)];
+             (void)stop;
+             return BlockIds(std::move(out));
+           })
+      .def("tolist", [](const BlockIds& b) {
+        nb::list out;
+        for (BlockId id : b.ids) out.append(id);
+        return out;
+      })
+      .def("__iter__", [](nb::handle self) {
+        return nb::iter(self.attr("tolist")());
+      })
+      .def("__eq__", [](const BlockIds& a, nb::handle other) -> nb::object {
+        BlockIds* b = nullptr;
+        if (nb::try_cast<BlockIds*>(other, b, false) && b) return nb::bool_(a.ids == b->ids);
+        if (PyList_Check(other.ptr()) || PyTuple_Check(other.ptr())) {
+          std::vector<BlockId> v;
+          try {
+            v = to_vector(parse_ids(other, tl_ids, INT32_MAX, "BlockIds"));
+          } catch (const kvttl::Error&) {
+            return nb::bool_(false);
+          }
+          return nb::bool_(a.ids == v);
+        }
+        return nb::borrow(Py_NotImplemented);
+      })
+      .def("__repr__", [](const BlockIds& b) {
+        std::string s = "BlockIds([";
+        for (size_t i = 0; i < b.ids.size(); ++i) s += (i ? ", " : "") + std::to_string(b.ids[i]);
+        return s + "])";
+      });
+
   // ---- BlockPool -----------------------------------------------------------------
   nb::class_<kvttl::BlockPool>(m, "BlockPool")
       .def("__init__",
            [](kvttl::BlockPool* p, nb::handle num_blocks) {
              new (p) kvttl::BlockPool(to_int(num_blocks, "BlockPool: num_blocks"));
            },
-           "num_blocks"_a)
+           "num_blocks"_a.none())
       .def("allocate",
            [](kvttl::BlockPool& p, nb::handle n_obj) -> nb::object {
              const int64_t n = to_int(n_obj, "allocate");
@@ -380,61 +490,62 @@ NB_MODULE(_core, m) {
                throw kvttl::OutOfBlocks(kvttl::detail::cat("allocate: asked for ", n,
                                                            " blocks but the pool has only ",
                                                            p.capacity(), " in all"));
-             auto* data = new BlockId[n ? n : 1];
-             nb::capsule owner(data, [](void* ptr) noexcept { delete[] static_cast<BlockId*>(ptr); });
-             if (!p.allocate(n, data)) return nb::none();
-             return nb::cast(IdArray(data, {static_cast<size_t>(n)}, owner));
+             std::vector<BlockId> ids(static_cast<size_t>(n));
+             if (!p.allocate(n, ids.data())) return nb::none();
+             return make_ids(std::move(ids));
            },
-           "n"_a)
+           "n"_a.none())
       .def("add_ref",
            [](kvttl::BlockPool& p, nb::handle ids) {
              p.add_ref(parse_ids(ids, tl_ids, p.capacity(), "add_ref"));
            },
-           "ids"_a)
+           "ids"_a.none())
       .def("drop_ref",
            [](kvttl::BlockPool& p, nb::handle ids) {
              return p.drop_ref(parse_ids(ids, tl_ids, p.capacity(), "drop_ref"));
            },
-           "ids"_a)
+           "ids"_a.none())
       .def("register_hashes",
            [](kvttl::BlockPool& p, nb::handle ids, nb::handle hashes) {
              auto id_span = parse_ids(ids, tl_ids, p.capacity(), "register_hashes");
              return p.register_hashes(id_span, parse_hashes(hashes, tl_hashes, "register_hashes"));
            },
-           "ids"_a, "hashes"_a)
+           "ids"_a.none(), "hashes"_a.none())
       .def("lookup_prefix",
            [](const kvttl::BlockPool& p, nb::handle hashes) {
              auto span = parse_hashes(hashes, tl_hashes, "lookup_prefix");
-             tl_ids.resize(span.size);
-             return make_id_array(tl_ids.data(), p.lookup_prefix(span, tl_ids.data()));
+             std::vector<BlockId> ids(span.size);
+             ids.resize(p.lookup_prefix(span, ids.data()));
+             return make_ids(std::move(ids));
            },
-           "hashes"_a)
+           "hashes"_a.none())
       .def("acquire_prefix",
            [](kvttl::BlockPool& p, nb::handle hashes) {
              auto span = parse_hashes(hashes, tl_hashes, "acquire_prefix");
-             tl_ids.resize(span.size);
-             return make_id_array(tl_ids.data(), p.acquire_prefix(span, tl_ids.data()));
+             std::vector<BlockId> ids(span.size);
+             ids.resize(p.acquire_prefix(span, ids.data()));
+             return make_ids(std::move(ids));
            },
-           "hashes"_a)
+           "hashes"_a.none())
       .def("evict",
            [](kvttl::BlockPool& p, nb::handle ids) {
              return p.evict(parse_ids(ids, tl_ids, p.capacity(), "evict"));
            },
-           "ids"_a)
+           "ids"_a.none())
       .def_prop_ro("capacity", &kvttl::BlockPool::capacity)
       .def_prop_ro("num_free", &kvttl::BlockPool::num_free)
       .def_prop_ro("num_cached", &kvttl::BlockPool::num_cached)
       .def_prop_ro("num_referenced", &kvttl::BlockPool::num_referenced)
       .def_prop_ro("num_evictable", &kvttl::BlockPool::num_evictable)
       .def_prop_ro("num_pinned", &kvttl::BlockPool::num_pinned)
-      .def("ref_count", [](const kvttl::BlockPool& p, nb::handle id) { return p.ref_count(to_int(id, "ref_count")); }, "id"_a)
-      .def("pin_count", [](const kvttl::BlockPool& p, nb::handle id) { return p.pin_count(to_int(id, "pin_count")); }, "id"_a)
+      .def("ref_count", [](const kvttl::BlockPool& p, nb::handle id) { return p.ref_count(to_int(id, "ref_count")); }, "id"_a.none())
+      .def("pin_count", [](const kvttl::BlockPool& p, nb::handle id) { return p.pin_count(to_int(id, "pin_count")); }, "id"_a.none())
       .def("block_hash",
            [](const kvttl::BlockPool& p, nb::handle id) -> nb::object {
              BlockHash h;
              return p.block_hash(to_int(id, "block_hash"), &h) ? nb::cast(h) : nb::none();
            },
-           "id"_a)
+           "id"_a.none())
       .def("queue_order", &kvttl::BlockPool::queue_order)
       .def("check_invariants", &kvttl::BlockPool::check_invariants);
 
@@ -444,26 +555,30 @@ NB_MODULE(_core, m) {
            [](kvttl::LeaseTable* t, kvttl::BlockPool& pool, nb::handle cap) {
              new (t) kvttl::LeaseTable(pool, to_seconds(cap, "LeaseTable: pinned_share_cap"));
            },
-           "pool"_a, "pinned_share_cap"_a, nb::keep_alive<1, 2>())
+           "pool"_a, "pinned_share_cap"_a.none(), nb::keep_alive<1, 2>())
       .def("grant",
            [](kvttl::LeaseTable& t, nb::handle owner, nb::handle blocks, nb::handle now,
-              nb::handle ttl, const std::string& tool, nb::handle num_tokens, nb::handle priority) {
+              nb::handle ttl, nb::handle tool, nb::handle num_tokens, nb::handle priority) {
+             // Converted in a fixed order so the first bad argument is the one reported.
              const auto o = parse_owner(owner);
-             const double now_s = to_seconds(now, "grant");
-             const double ttl_s = to_seconds(ttl, "grant");
-             return t.grant(o, parse_ids(blocks, tl_ids, t.pool().capacity(), "grant"), now_s, ttl_s,
-                            tool, to_int(num_tokens, "grant: num_tokens"),
-                            to_seconds(priority, "grant: priority"));
+             const double now_s = to_seconds(now, "grant: now");
+             const double ttl_s = to_seconds(ttl, "grant: ttl");
+             const auto ids = parse_ids(blocks, tl_ids, t.pool().capacity(), "grant");
+             const int64_t tokens = to_int(num_tokens, "grant: num_tokens");
+             const double prio = to_seconds(priority, "grant: priority");
+             KVTTL_CHECK(PyUnicode_Check(tool.ptr()), BadArgument, "grant: tool must be a str, got ",
+                         type_name(tool.ptr()));
+             return t.grant(o, ids, now_s, ttl_s, nb::cast<std::string>(tool), tokens, prio);
            },
-           "owner"_a, "blocks"_a, "now"_a, "ttl"_a, "tool"_a, "num_tokens"_a,
-           "priority"_a)
+           "owner"_a.none(), "blocks"_a.none(), "now"_a.none(), "ttl"_a.none(), "tool"_a.none(), "num_tokens"_a.none(),
+           "priority"_a.none())
       .def("release",
            [](kvttl::LeaseTable& t, nb::handle owner, uint64_t lease_id) -> nb::object {
              kvttl::LeaseInfo info;
              if (!t.release(parse_owner(owner), lease_id, &info)) return nb::none();
              return nb::cast(std::move(info));
            },
-           "owner"_a, "lease_id"_a)
+           "owner"_a.none(), "lease_id"_a)
       .def("expire",
            [](kvttl::LeaseTable& t, nb::handle now) {
              const double now_s = to_seconds(now, "expire");
@@ -474,27 +589,27 @@ NB_MODULE(_core, m) {
              }
              return out;
            },
-           "now"_a)
+           "now"_a.none())
       .def("renew",
            [](kvttl::LeaseTable& t, nb::handle owner, nb::handle now, nb::handle ttl) {
-             return t.renew(parse_owner(owner), to_seconds(now, "renew"), to_seconds(ttl, "renew"));
+             return t.renew(parse_owner(owner), to_seconds(now, "renew"), to_seconds(ttl, "renew: ttl"));
            },
-           "owner"_a, "now"_a, "ttl"_a)
+           "owner"_a.none(), "now"_a.none(), "ttl"_a.none())
       .def("extend",
            [](kvttl::LeaseTable& t, nb::handle owner, nb::handle seconds) {
-             return t.extend(parse_owner(owner), to_seconds(seconds, "extend"));
+             return t.extend(parse_owner(owner), to_seconds(seconds, "extend: seconds"));
            },
-           "owner"_a, "seconds"_a)
+           "owner"_a.none(), "seconds"_a.none())
       .def("demote",
            [](kvttl::LeaseTable& t, nb::handle owner, nb::handle now, nb::handle ttl,
               nb::handle keep_blocks) -> nb::object {
              int64_t freed = 0;
-             if (!t.demote(parse_owner(owner), to_seconds(now, "demote"), to_seconds(ttl, "demote"),
+             if (!t.demote(parse_owner(owner), to_seconds(now, "demote"), to_seconds(ttl, "demote: ttl"),
                            to_int(keep_blocks, "demote: keep_blocks"), &freed))
                return nb::none();
              return nb::cast(freed);
            },
-           "owner"_a, "now"_a, "ttl"_a, "keep_blocks"_a)
+           "owner"_a.none(), "now"_a.none(), "ttl"_a.none(), "keep_blocks"_a.none())
       .def("revoke",
            [](kvttl::LeaseTable& t, nb::handle num_blocks, const std::string& order) {
              const auto o = parse_order(order);
@@ -506,12 +621,12 @@ NB_MODULE(_core, m) {
              }
              return r;
            },
-           "num_blocks"_a, "order"_a)
+           "num_blocks"_a.none(), "order"_a)
       .def("revoke_in_order",
            [](kvttl::LeaseTable& t, nb::handle num_blocks, const std::vector<uint64_t>& lease_ids) {
              return t.revoke_in_order(to_int(num_blocks, "revoke: num_blocks"), lease_ids);
            },
-           "num_blocks"_a, "lease_ids"_a)
+           "num_blocks"_a.none(), "lease_ids"_a)
       .def("release_all", &kvttl::LeaseTable::release_all)
       .def("get",
            [](const kvttl::LeaseTable& t, nb::handle owner) -> nb::object {
@@ -519,19 +634,18 @@ NB_MODULE(_core, m) {
              if (!t.get(parse_owner(owner), &info)) return nb::none();
              return nb::cast(std::move(info));
            },
-           "owner"_a)
+           "owner"_a.none())
       .def("blocks",
            [](const kvttl::LeaseTable& t, nb::handle owner) {
-             const auto ids = t.blocks(parse_owner(owner));
-             return make_id_array(ids.data(), ids.size());
+             return make_ids(t.blocks(parse_owner(owner)));
            },
-           "owner"_a)
+           "owner"_a.none())
       .def("leases", &kvttl::LeaseTable::leases)
       .def("older_than",
            [](const kvttl::LeaseTable& t, nb::handle now, nb::handle max_age) {
-             return t.older_than(to_seconds(now, "older_than"), to_seconds(max_age, "older_than"));
+             return t.older_than(to_seconds(now, "older_than"), to_seconds(max_age, "older_than: max_age"));
            },
-           "now"_a, "max_age"_a)
+           "now"_a.none(), "max_age"_a.none())
       .def_prop_ro("num_leases", &kvttl::LeaseTable::num_leases)
       .def_prop_ro("pinned_share_cap", &kvttl::LeaseTable::pinned_share_cap)
       .def_prop_ro("max_pinned_blocks", &kvttl::LeaseTable::max_pinned_blocks)

@@ -71,18 +71,30 @@ void BlockPool::release_one(BlockId id) {
 
 // ---- validation ---------------------------------------------------------
 
-void BlockPool::check_ids(IdSpan ids, const char* what) const {
+uint32_t BlockPool::next_epoch() const {
   if (++epoch_ == 0) {  // wrapped: clear stale stamps once every 2^32 calls
     std::fill(seen_.begin(), seen_.end(), 0);
     epoch_ = 1;
   }
+  return epoch_;
+}
+
+void BlockPool::check_range(IdSpan ids, const char* what) const {
+  for (size_t i = 0; i < ids.size; ++i) {
+    KVTTL_CHECK(ids[i] >= 0 && ids[i] < num_blocks_, UnknownBlock, what, ": block id ", ids[i],
+                " (position ", i, ") is outside [0, ", num_blocks_, ")");
+  }
+}
+
+// A bad id is reported before a duplicate, wherever each is.
+void BlockPool::check_ids(IdSpan ids, const char* what) const {
+  check_range(ids, what);
+  const uint32_t epoch = next_epoch();
   for (size_t i = 0; i < ids.size; ++i) {
     const BlockId b = ids[i];
-    KVTTL_CHECK(b >= 0 && b < num_blocks_, UnknownBlock, what, ": block id ", b,
-                " (position ", i, ") is outside [0, ", num_blocks_, ")");
-    KVTTL_CHECK(seen_[b] != epoch_, BadArgument, what, ": block id ", b,
+    KVTTL_CHECK(seen_[b] != epoch, BadArgument, what, ": block id ", b,
                 " appears more than once in one call (position ", i, ")");
-    seen_[b] = epoch_;
+    seen_[b] = epoch;
   }
 }
 
@@ -103,14 +115,24 @@ bool BlockPool::allocate(int64_t n, BlockId* out) {
   KVTTL_CHECK(n <= num_blocks_, OutOfBlocks, "allocate: asked for ", n,
               " blocks but the pool has only ", num_blocks_, " in all");
   if (n > queue_size_) return false;
+  // Walk the first n blocks of the queue, then splice them out at once.
   const BlockId s = static_cast<BlockId>(num_blocks_);
+  BlockId b = blocks_[s].next;
   for (int64_t i = 0; i < n; ++i) {
-    const BlockId b = blocks_[s].next;
-    unlink(b);
-    drop_content(b);
-    blocks_[b].ref = 1;
+    Block& blk = blocks_[b];
+    const BlockId next = blk.next;
+    if (blk.hashed) {
+      --num_cached_;
+      drop_content(b);
+    }
+    blk.ref = 1;
+    blk.prev = blk.next = -1;
     out[i] = b;
+    b = next;
   }
+  blocks_[s].next = b;
+  blocks_[b].prev = s;
+  queue_size_ -= n;
   return true;
 }
 
@@ -131,13 +153,25 @@ void BlockPool::add_ref(IdSpan ids) {
 
 int64_t BlockPool::drop_ref(IdSpan ids) {
   std::lock_guard<std::mutex> lock(mu_);
-  check_ids(ids, "drop_ref");
+  check_range(ids, "drop_ref");
+  // One pass stamps for duplicates and notes the first block without an
+  // engine reference; duplicates are reported first, as in check_ids.
+  const uint32_t epoch = next_epoch();
+  size_t bad = ids.size;
   for (size_t i = 0; i < ids.size; ++i) {
-    const Block& blk = blocks_[ids[i]];
-    KVTTL_CHECK(blk.ref - blk.pins > 0, DoubleFree, "drop_ref: block ", ids[i],
-                blk.ref == 0 ? " is not referenced"
-                             : " has no engine reference left (all its references are held by leases)",
-                " (position ", i, ")");
+    const BlockId b = ids[i];
+    KVTTL_CHECK(seen_[b] != epoch, BadArgument, "drop_ref: block id ", b,
+                " appears more than once in one call (position ", i, ")");
+    seen_[b] = epoch;
+    if (bad == ids.size && blocks_[b].ref - blocks_[b].pins <= 0) bad = i;
+  }
+  if (bad != ids.size) {
+    const Block& blk = blocks_[ids[bad]];
+    throw DoubleFree(detail::cat(
+        "drop_ref: block ", ids[bad],
+        blk.ref == 0 ? " is not referenced"
+                     : " has no engine reference left (all its references are held by leases)",
+        " (position ", bad, ")"));
   }
   int64_t released = 0;
   for (BlockId b : ids) {

@@ -32,7 +32,10 @@ LeaseTable::LeaseTable(BlockPool& pool, double pinned_share_cap) : pool_(pool) {
 // that no longer exists.
 LeaseTable::~LeaseTable() { release_all(); }
 
-bool LeaseTable::later(const HeapEntry& a, const HeapEntry& b) { return a.deadline > b.deadline; }
+// Equal deadlines expire in grant order, so expiry is deterministic.
+bool LeaseTable::later(const HeapEntry& a, const HeapEntry& b) {
+  return a.deadline != b.deadline ? a.deadline > b.deadline : a.lease_id > b.lease_id;
+}
 
 LeaseTable::Lease* LeaseTable::find_locked(const Owner& owner) {
   auto it = by_owner_.find(owner);
@@ -259,10 +262,13 @@ RevokeResult LeaseTable::revoke_in_order(int64_t num_blocks, const std::vector<u
 
 int64_t LeaseTable::release_all() {
   std::lock_guard<std::mutex> lock(pool_.mu_);
-  const int64_t n = static_cast<int64_t>(leases_.size());
-  while (!leases_.empty()) end_locked(leases_.begin()->first);
+  std::vector<uint64_t> ids;
+  ids.reserve(leases_.size());
+  for (const auto& kv : leases_) ids.push_back(kv.first);
+  std::sort(ids.begin(), ids.end());  // grant order: deterministic queue order
+  for (uint64_t id : ids) end_locked(id);
   heap_.clear();
-  return n;
+  return static_cast<int64_t>(ids.size());
 }
 
 bool LeaseTable::get(const Owner& owner, LeaseInfo* out) const {

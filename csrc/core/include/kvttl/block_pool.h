@@ -133,6 +133,8 @@ class BlockPool {
 
   // Validation shared by the batch calls: every id in range, none twice.
   void check_ids(IdSpan ids, const char* what) const;
+  void check_range(IdSpan ids, const char* what) const;
+  uint32_t next_epoch() const;
   void check_has_content(IdSpan ids, const char* what) const;
   void unlink(BlockId id);
   void push_head(BlockId id);

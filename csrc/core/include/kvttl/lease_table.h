@@ -89,7 +89,8 @@ class LeaseTable {
   // Returns false when there was nothing to release: a normal race.
   bool release(const Owner& owner, uint64_t lease_id, LeaseInfo* released);
 
-  // Every lease whose deadline is <= now, each exactly once.
+  // Every lease whose deadline is <= now, each exactly once, in (deadline,
+  // grant) order.
   std::vector<LeaseInfo> expire(double now);
 
   // deadline = now + ttl. Returns false if the owner holds no lease.
@@ -109,7 +110,7 @@ class LeaseTable {
   // The same with the caller's order: lease ids, unknown ones skipped.
   RevokeResult revoke_in_order(int64_t num_blocks, const std::vector<uint64_t>& lease_ids);
 
-  // Drops every lease (engine shutdown). Returns how many.
+  // Drops every lease (engine shutdown), in grant order. Returns how many.
   int64_t release_all();
 
   bool get(const Owner& owner, LeaseInfo* out) const;
