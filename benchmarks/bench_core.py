@@ -75,15 +75,14 @@ def vllm_alloc_free(iters, pool):
 
 
 def vllm_ref_unref(iters, pool):
+    """touch + free: a prefix hit on 64 blocks and its release."""
+    import inspect
+
     blocks = pool.get_new_blocks(BATCH)
+    # vLLM 0.32 takes a flat list; some releases took a tuple of per-group lists.
+    flat = "blocks" in inspect.signature(pool.touch).parameters
+    arg = blocks if flat else (blocks,)
     touch, free = pool.touch, pool.free_blocks
-    arg = (blocks,)
-    try:
-        touch(arg)
-    except TypeError:  # older signature: a flat list
-        arg = blocks
-        touch(arg)
-    free(blocks)
     t0 = time.perf_counter_ns()
     for _ in range(iters):
         touch(arg)
