@@ -44,6 +44,15 @@ Ids = Union[Sequence[int], "numpy.ndarray"]  # noqa: F821  (any 1-D integer arra
 REVOKE_ORDERS = ("latest_granted", "earliest_deadline", "lowest_priority", "most_blocks")
 
 
+# The native orders as key functions, for revoke(where=...): same ties (newest first).
+_NATIVE_ORDER_KEYS = {
+    "latest_granted": lambda l: -l.lease_id,
+    "earliest_deadline": lambda l: (l.deadline, -l.lease_id),
+    "lowest_priority": lambda l: (l.priority, -l.lease_id),
+    "most_blocks": lambda l: (-l.num_blocks, -l.lease_id),
+}
+
+
 class BlockPool:
     """Fixed-size KV block ids of one memory tier.
 
@@ -265,20 +274,33 @@ class LeaseTable:
         self,
         num_blocks: int,
         order: str | Callable[[LeaseInfo], object] = "latest_granted",
+        *,
+        where: Callable[[LeaseInfo], bool] | None = None,
     ) -> RevokeResult:
         """Revokes leases until at least ``num_blocks`` blocks became free or
         cached through revocation, or none is left. ``order`` is one of
         REVOKE_ORDERS or a key function over LeaseInfo (smallest key revoked
-        first). Blocks still referenced by the engine free nothing, so the
-        result's ``num_blocks_freed`` may exceed or fall short of the need."""
-        if isinstance(order, str):
+        first); ``where`` limits revocation to the leases it accepts (e.g.
+        only programs of lower priority than the one asking). Blocks still
+        referenced by the engine free nothing, so the result's
+        ``num_blocks_freed`` may exceed or fall short of the need."""
+        if isinstance(order, str) and where is None:
             return self._native.revoke(num_blocks, order)
+        if isinstance(order, str):
+            if order not in REVOKE_ORDERS:
+                return self._native.revoke(num_blocks, order)  # the native error names the known ones
+            order = _NATIVE_ORDER_KEYS[order]
         if not callable(order):
             raise BadArgumentError(
                 f"revoke: order must be one of {', '.join(REVOKE_ORDERS)} or a key function, "
                 f"got {type(order).__name__}"
             )
-        ranked = sorted(self._native.leases(), key=order)
+        if where is not None and not callable(where):
+            raise BadArgumentError(f"revoke: where must be a predicate over LeaseInfo, got {type(where).__name__}")
+        leases = self._native.leases()
+        if where is not None:
+            leases = [info for info in leases if where(info)]
+        ranked = sorted(leases, key=order)
         return self._native.revoke_in_order(num_blocks, [info.lease_id for info in ranked])
 
     def release_all(self) -> int:

@@ -1,0 +1,84 @@
+"""The ``kvttl`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from kvttl.errors import KvttlError
+
+
+def _simulate(args) -> int:
+    from kvttl.policy import DEFAULT_POLICIES
+    from kvttl.sim.runner import SweepConfig, format_tables, parse_floats, parse_names, run_sweep, write_json, write_plot
+
+    cfg = SweepConfig(
+        workload=args.workload, trace=args.trace, preset=args.preset,
+        policies=parse_names(args.policies) if args.policies else tuple(DEFAULT_POLICIES),
+        jps=parse_floats(args.jps, "--jps") if args.jps else None,
+        num_programs=args.programs, seed=args.seed, host_tier_gb=args.host_gb,
+        num_gpu_blocks=args.gpu_blocks, workers=args.workers,
+    )
+    t0 = time.perf_counter()
+    report = run_sweep(cfg, progress=not args.quiet and sys.stderr.isatty())
+    report["config"]["wall_s"] = round(time.perf_counter() - t0, 2)
+    print(format_tables(report))
+    print(f"\n{len(report['results'])} runs in {report['config']['wall_s']:.1f} s")
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _info(args) -> int:
+    import kvttl
+    from kvttl.policy import policy_names
+    from kvttl.sim import PRESETS, WORKLOADS
+
+    print(json.dumps({"build": kvttl.build_info(), "cuda_probe": kvttl.cuda_probe(), "policies": policy_names(),
+                      "presets": list(PRESETS), "workloads": list(WORKLOADS)}, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kvttl", description="KV-cache leases with TTL for multi-turn agents")
+    sub = parser.add_subparsers(dest="command")
+    sim = sub.add_parser("simulate", help="compare scheduling policies on a simulated agent workload",
+                         description="Replays an agent workload through kvttl's core and policies on a modelled "
+                                     "engine, for every policy at every load, and prints a table.")
+    sim.add_argument("--workload", default="swe-bench", help="swe-bench, bfcl, or a .toml/.json spec file")
+    sim.add_argument("--trace", help="a TraceLab or Dynamo agentic-Mooncake JSONL trace instead of a workload")
+    sim.add_argument("--preset", default="llama-3.1-8b-h100",
+                     help="llama-3.1-8b-h100, llama-3.1-8b-h200, llama-3.1-70b-4xh100, or a .json file")
+    sim.add_argument("--policies", help="comma-separated; the first is the baseline (default: all)")
+    sim.add_argument("--jps", help="comma-separated loads in jobs per second (default: light to saturated)")
+    sim.add_argument("--programs", type=int, default=60, help="programs per run (default 60)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--host-gb", type=float, default=256.0,
+                     help="pinned host DRAM for KV, used by offloading policies (default 256; 0 for none)")
+    sim.add_argument("--gpu-blocks", type=int, help="override the GPU block count the preset allows")
+    sim.add_argument("--workers", type=int, default=0, help="processes (default: min(2, cores))")
+    sim.add_argument("--json", help="write results as JSON here")
+    sim.add_argument("--plot", help="write a PNG: mean JCT against load, JCT CDF at the highest load")
+    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.set_defaults(func=_simulate)
+    info = sub.add_parser("info", help="what this installation was built with, and what it knows")
+    info.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except KvttlError as e:
+        print(f"kvttl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The policy layer: every decision kvttl makes, as small engine-free objects.
+
+- TTL policies (``kvttl.policy.ttl``): how long to pin a finished turn.
+- Estimators (``kvttl.policy.estimator``): tool durations, eviction delay, eta.
+- Orders (``kvttl.policy.order``): which waiting request runs next, which lease
+  to drop under pressure.
+- Bundles (``kvttl.policy.registry``): the named policies users compare.
+
+Policies see numbers, never engine objects; they import only ``kvttl.core``
+and below.
+"""
+
+from kvttl.policy.estimator import DurationCDF, SlidingMean, ToolDurationEstimator, TurnCorrelation
+from kvttl.policy.hints import MAX_TTL_S, parse_ttl
+from kvttl.policy.order import (
+    QUEUE_ORDERS,
+    QueueEntry,
+    latest_program_first,
+    least_attained_service,
+    program_fcfs,
+    request_fcfs,
+)
+from kvttl.policy.registry import (
+    DEFAULT_POLICIES,
+    InferCeptTTL,
+    SchedulingPolicy,
+    get_policy,
+    policy_names,
+    register_policy,
+)
+from kvttl.policy.reload import ReloadModel
+from kvttl.policy.ttl import (
+    ContinuumPreviewTTL,
+    ContinuumTTL,
+    FixedTTL,
+    NeverPin,
+    TTLPolicy,
+    TurnContext,
+    continuum_tau,
+)
+
+__all__ = [
+    "DurationCDF", "SlidingMean", "ToolDurationEstimator", "TurnCorrelation",
+    "MAX_TTL_S", "parse_ttl",
+    "QUEUE_ORDERS", "QueueEntry", "latest_program_first", "least_attained_service",
+    "program_fcfs", "request_fcfs",
+    "DEFAULT_POLICIES", "InferCeptTTL", "SchedulingPolicy", "get_policy",
+    "policy_names", "register_policy", "ReloadModel",
+    "ContinuumPreviewTTL", "ContinuumTTL", "FixedTTL", "NeverPin", "TTLPolicy", "TurnContext",
+    "continuum_tau",
+]

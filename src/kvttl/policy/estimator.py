@@ -1,0 +1,208 @@
+"""Online statistics the TTL policies learn from: tool durations, the queueing
+delay an eviction costs, and how much of it pinning can save (eta)."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+
+import numpy as np
+
+from kvttl.errors import BadArgumentError
+
+__all__ = ["ToolDurationEstimator", "SlidingMean", "TurnCorrelation", "DurationCDF"]
+
+
+class DurationCDF:
+    """An empirical CDF over a sorted sample: ``F(t) = #{s <= t} / n``.
+
+    ``support`` is the sorted sample itself, the candidate set S_f of the
+    Continuum rule."""
+
+    __slots__ = ("support",)
+
+    def __init__(self, sorted_samples: np.ndarray):
+        self.support = sorted_samples
+
+    def __call__(self, t: float) -> float:
+        n = len(self.support)
+        return float(np.searchsorted(self.support, t, side="right")) / n if n else 0.0
+
+    def at_support(self) -> np.ndarray:
+        """F at each support point, ties counted to the last equal sample."""
+        n = len(self.support)
+        return np.searchsorted(self.support, self.support, side="right") / n
+
+    def survival(self, t: float) -> float:
+        return 1.0 - self(t)
+
+
+class _Window:
+    """The last ``size`` samples, kept both in arrival order (to drop the
+    oldest) and sorted (for the CDF): O(size) per insert via bisect, which at
+    the default size of 1024 is cheaper than any sketch in Python."""
+
+    __slots__ = ("order", "sorted", "size", "_cache")
+
+    def __init__(self, size: int):
+        self.order: deque[float] = deque()
+        self.sorted: list[float] = []
+        self.size = size
+        self._cache: DurationCDF | None = None
+
+    def add(self, x: float) -> None:
+        self.order.append(x)
+        bisect.insort(self.sorted, x)
+        if len(self.order) > self.size:
+            old = self.order.popleft()
+            del self.sorted[bisect.bisect_left(self.sorted, old)]
+        self._cache = None
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def cdf(self) -> DurationCDF:
+        if self._cache is None:
+            self._cache = DurationCDF(np.asarray(self.sorted, dtype=np.float64))
+        return self._cache
+
+    def mean(self) -> float:
+        return sum(self.order) / len(self.order) if self.order else math.nan
+
+
+class ToolDurationEstimator:
+    """Per-tool duration distributions, learned from (finish -> next arrival) gaps.
+
+    Cold start, as in the Continuum paper: while fewer than ``min_samples``
+    returns have been seen in total, an exponential prior with mean
+    ``prior_mean_s``; then the global empirical CDF until a tool has
+    ``min_samples`` returns of its own; then the tool's own CDF.
+
+    Memory is bounded: each tool, and the global pool, keep a sliding window
+    of the last ``window`` durations, so the estimate also follows drift.
+    The prior's CDF is represented by ``prior_points`` of its quantiles, so
+    every stage hands the TTL rule the same kind of object.
+    """
+
+    def __init__(self, *, min_samples: int = 100, window: int = 1024, prior_mean_s: float = 1.0,
+                 prior_points: int = 64, max_tools: int = 4096):
+        if min_samples < 1 or window < min_samples:
+            raise BadArgumentError(f"need 1 <= min_samples <= window, got {min_samples} and {window}")
+        if not (prior_mean_s > 0 and math.isfinite(prior_mean_s)):
+            raise BadArgumentError(f"prior_mean_s must be a positive number, got {prior_mean_s}")
+        self.min_samples = min_samples
+        self.window = window
+        self.max_tools = max_tools
+        self._global = _Window(window)
+        self._tools: dict[str, _Window] = {}
+        self.num_observed = 0
+        q = (np.arange(prior_points) + 0.5) / prior_points
+        self._prior = DurationCDF(np.sort(-prior_mean_s * np.log1p(-q)))
+
+    def observe(self, tool: str, duration_s: float) -> None:
+        """Records one return of ``tool`` after ``duration_s`` seconds."""
+        if not (isinstance(duration_s, (int, float)) and math.isfinite(duration_s) and duration_s >= 0):
+            raise BadArgumentError(f"tool duration must be a finite number >= 0, got {duration_s!r}")
+        tool = tool or ""
+        win = self._tools.get(tool)
+        if win is None:
+            if len(self._tools) >= self.max_tools:  # bounded: unknown tool names fold into ""
+                tool = ""
+                win = self._tools.setdefault("", _Window(self.window))
+            else:
+                win = self._tools[tool] = _Window(self.window)
+        win.add(float(duration_s))
+        self._global.add(float(duration_s))
+        self.num_observed += 1
+
+    def stage(self, tool: str) -> str:
+        """Which estimate ``cdf(tool)`` uses: ``prior``, ``global`` or ``tool``."""
+        if self.num_observed < self.min_samples:
+            return "prior"
+        win = self._tools.get(tool or "")
+        return "tool" if win is not None and len(win) >= self.min_samples else "global"
+
+    def cdf(self, tool: str) -> DurationCDF:
+        stage = self.stage(tool)
+        if stage == "prior":
+            return self._prior
+        if stage == "global":
+            return self._global.cdf()
+        return self._tools[tool or ""].cdf()
+
+    def mean(self, tool: str) -> float:
+        """Mean of the estimate in use (NaN never: the prior has a mean)."""
+        support = self.cdf(tool).support
+        return float(support.mean())
+
+    def tool_mean(self, tool: str) -> float | None:
+        """The tool's own running mean, or None if it was never seen."""
+        win = self._tools.get(tool or "")
+        return win.mean() if win is not None and len(win) else None
+
+
+class SlidingMean:
+    """Mean of the last ``size`` values (T: queueing delay of evicted returns)."""
+
+    __slots__ = ("_values", "_sum")
+
+    def __init__(self, size: int = 256):
+        self._values: deque[float] = deque(maxlen=size)
+        self._sum = 0.0
+
+    def add(self, x: float) -> None:
+        if len(self._values) == self._values.maxlen:
+            self._sum -= self._values[0]
+        self._values.append(x)
+        self._sum += x
+
+    def mean(self, default: float = 0.0) -> float:
+        return self._sum / len(self._values) if self._values else default
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+class TurnCorrelation:
+    """eta = -Corr(k, N - k) over the turns of finished programs.
+
+    A finished program of N turns contributes the pairs (k, N - k) for k = 1..N.
+    If every program had the same N, N - k would fall exactly as k rises (eta = 1):
+    a program's remaining turns are predictable, and all of the queueing delay an
+    eviction causes is really saved by pinning. Kept as running sums: O(1)
+    memory. Until ``min_programs`` have finished, ``eta`` is ``default``.
+    """
+
+    __slots__ = ("n", "sk", "sr", "skk", "srr", "skr", "programs", "min_programs", "default")
+
+    def __init__(self, *, min_programs: int = 10, default: float = 1.0):
+        self.n = self.sk = self.sr = self.skk = self.srr = self.skr = 0.0
+        self.programs = 0
+        self.min_programs = min_programs
+        self.default = default
+
+    def add_program(self, num_turns: int) -> None:
+        if num_turns < 1:
+            raise BadArgumentError(f"a finished program has at least one turn, got {num_turns}")
+        k = np.arange(1, num_turns + 1, dtype=np.float64)
+        r = num_turns - k
+        self.n += num_turns
+        self.sk += k.sum()
+        self.sr += r.sum()
+        self.skk += (k * k).sum()
+        self.srr += (r * r).sum()
+        self.skr += (k * r).sum()
+        self.programs += 1
+
+    @property
+    def eta(self) -> float:
+        if self.programs < self.min_programs:
+            return self.default
+        n = self.n
+        cov = self.skr / n - (self.sk / n) * (self.sr / n)
+        vk = self.skk / n - (self.sk / n) ** 2
+        vr = self.srr / n - (self.sr / n) ** 2
+        if vk <= 0 or vr <= 0:
+            return self.default
+        return float(min(1.0, max(0.0, -cov / math.sqrt(vk * vr))))

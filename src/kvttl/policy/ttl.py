@@ -1,0 +1,192 @@
+"""TTL policies: how long to pin a finished turn's KV blocks.
+
+The engine (or the simulator, or an adapter) calls a policy at these points,
+and only these; every argument is a plain number or string:
+
+- ``ttl(turn)``                 a non-final turn finished; return seconds to pin (0: don't)
+- ``on_tool_return(tool, s)``   the program's next turn arrived ``s`` seconds after the finish
+- ``on_admitted(delay_s, evicted)``  a returning turn was scheduled after ``delay_s`` in queue;
+                                ``evicted``: its previous context was (partly) gone
+- ``on_program_finished(n)``    a program ended after ``n`` turns
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import attrs
+import numpy as np
+
+from kvttl.errors import BadArgumentError
+from kvttl.policy.estimator import DurationCDF, SlidingMean, ToolDurationEstimator, TurnCorrelation
+
+__all__ = [
+    "TurnContext",
+    "TTLPolicy",
+    "NeverPin",
+    "FixedTTL",
+    "ContinuumPreviewTTL",
+    "ContinuumTTL",
+    "continuum_tau",
+]
+
+
+@attrs.frozen(kw_only=True)
+class TurnContext:
+    """What a TTL policy may know about a turn that just finished."""
+
+    program_id: str | int
+    #: the tool the program is about to call ("" if unknown)
+    tool: str = ""
+    #: 0-based index of the turn within its program
+    turn_index: int = 0
+    #: tokens of context the lease would keep (prompt + output)
+    num_tokens: int = 0
+    #: blocks the lease would pin
+    num_blocks: int = 0
+    #: seconds to prefill this context again if it is evicted
+    prefill_s: float = 0.0
+    #: seconds to reload it from the host tier, None when there is no host copy to count on
+    host_reload_s: float | None = None
+    #: explicit client hint in seconds, already parsed (see kvttl.policy.parse_ttl)
+    hint_ttl_s: float | None = None
+    #: free + cached share of the pool, in [0, 1]: 1 is an idle engine
+    free_fraction: float = 1.0
+    #: tokens of KV the engine holds for running requests and pins
+    used_tokens: int = 0
+
+    @property
+    def reload_s(self) -> float:
+        """Reload(r): the cheaper way back if the context is evicted."""
+        return self.prefill_s if self.host_reload_s is None else min(self.prefill_s, self.host_reload_s)
+
+
+@runtime_checkable
+class TTLPolicy(Protocol):
+    name: str
+
+    def ttl(self, turn: TurnContext) -> float: ...
+
+    def on_tool_return(self, tool: str, duration_s: float) -> None: ...
+
+    def on_admitted(self, queue_delay_s: float, evicted: bool) -> None: ...
+
+    def on_program_finished(self, num_turns: int) -> None: ...
+
+
+class _Quiet:
+    """Hooks that learn nothing, for the policies that need none."""
+
+    def on_tool_return(self, tool: str, duration_s: float) -> None:
+        pass
+
+    def on_admitted(self, queue_delay_s: float, evicted: bool) -> None:
+        pass
+
+    def on_program_finished(self, num_turns: int) -> None:
+        pass
+
+
+class NeverPin(_Quiet):
+    """Stock engines: free a finished request's blocks at once."""
+
+    name = "never"
+
+    def ttl(self, turn: TurnContext) -> float:
+        return 0.0
+
+
+class FixedTTL(_Quiet):
+    """Pin every non-final turn for the same time."""
+
+    def __init__(self, ttl_s: float):
+        if not (isinstance(ttl_s, (int, float)) and ttl_s >= 0 and not math.isnan(ttl_s)):
+            raise BadArgumentError(f"fixed ttl must be >= 0 seconds, got {ttl_s!r}")
+        self.ttl_s = float(ttl_s)
+        self.name = f"fixed:{ttl_s:g}s"
+
+    def ttl(self, turn: TurnContext) -> float:
+        return self.ttl_s
+
+
+class ContinuumPreviewTTL:
+    """The rule of the Continuum authors' released code (a vLLM 0.10.2 fork):
+    pin for ``pin_s`` (2 s) when the tool's running mean duration is at most
+    ``pin_s``; tools never seen before are pinned too."""
+
+    name = "continuum-preview"
+
+    def __init__(self, pin_s: float = 2.0):
+        self.pin_s = pin_s
+        self.estimator = ToolDurationEstimator()
+
+    def ttl(self, turn: TurnContext) -> float:
+        mean = self.estimator.tool_mean(turn.tool)
+        return self.pin_s if mean is None or mean <= self.pin_s else 0.0
+
+    def on_tool_return(self, tool: str, duration_s: float) -> None:
+        self.estimator.observe(tool, duration_s)
+
+    def on_admitted(self, queue_delay_s: float, evicted: bool) -> None:
+        pass
+
+    def on_program_finished(self, num_turns: int) -> None:
+        pass
+
+
+def continuum_tau(cdf: DurationCDF, value_s: float) -> float:
+    """The Continuum rule (paper, Eq. 2)::
+
+        tau* = argmax over tau in {0} U S_f of  F_f(tau) * value - tau
+
+    where value = T * eta + Reload(r) is what a hit saves. Candidates are the
+    observed durations; tau = 0 scores 0, so a pin must pay for itself.
+    Ties go to the shorter pin."""
+    if not value_s > 0:
+        return 0.0
+    support = cdf.support
+    if len(support) == 0:
+        return 0.0
+    gain = cdf.at_support() * value_s - support
+    best = int(np.argmax(gain))  # first maximum: the shortest among equals
+    return float(support[best]) if gain[best] > 0 else 0.0
+
+
+class ContinuumTTL:
+    """tau* from the paper, with every term learned online.
+
+    - F_f: ``ToolDurationEstimator`` (prior -> global -> per-tool CDF).
+    - T: sliding mean of the queueing delay of returning turns that found
+      their context evicted.
+    - eta: ``TurnCorrelation`` over finished programs.
+    - Reload: given per turn by the engine (``TurnContext.reload_s``).
+    Explicit hints (``hint_ttl_s``) win when ``honor_hints`` is set.
+    """
+
+    name = "continuum"
+
+    def __init__(self, *, honor_hints: bool = True, min_samples: int = 100, window: int = 1024):
+        self.estimator = ToolDurationEstimator(min_samples=min_samples, window=window)
+        self.evicted_delay = SlidingMean(256)
+        self.correlation = TurnCorrelation()
+        self.honor_hints = honor_hints
+
+    def value_s(self, turn: TurnContext) -> float:
+        """What a hit saves: T * eta + Reload."""
+        return self.evicted_delay.mean() * self.correlation.eta + turn.reload_s
+
+    def ttl(self, turn: TurnContext) -> float:
+        if self.honor_hints and turn.hint_ttl_s is not None:
+            return turn.hint_ttl_s
+        return continuum_tau(self.estimator.cdf(turn.tool), self.value_s(turn))
+
+    def on_tool_return(self, tool: str, duration_s: float) -> None:
+        self.estimator.observe(tool, duration_s)
+
+    def on_admitted(self, queue_delay_s: float, evicted: bool) -> None:
+        if evicted:
+            self.evicted_delay.add(queue_delay_s)
+
+    def on_program_finished(self, num_turns: int) -> None:
+        self.correlation.add_program(num_turns)

@@ -1,0 +1,166 @@
+"""Roofline cost model of one engine step, from model config x GPU spec.
+
+A step's time is the larger of its compute time and its memory time, plus
+tensor-parallel all-reduces and a fixed per-step overhead:
+
+    compute = (2 * params * tokens + 4 * layers * heads * head_dim * sum(q * ctx)) / (tp * peak * mfu)
+    memory  = (weight bytes + kv bytes/token * kv tokens read) / (tp * hbm * mbu)
+
+``sum(q * ctx)`` is the attention work: a prefill chunk of c tokens after a
+prefix p contributes c * (p + c/2), a decode step on a context n contributes n.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import attrs
+
+from kvttl.errors import BadArgumentError
+from kvttl.policy.reload import ReloadModel
+
+__all__ = ["ModelSpec", "GpuSpec", "CostModel", "PRESETS", "get_preset"]
+
+GB = 1e9
+GiB = 1024**3
+
+
+def _positive(instance, attribute, value):
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise BadArgumentError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ModelSpec:
+    name: str
+    num_params: float = attrs.field(validator=_positive)
+    num_layers: int = attrs.field(validator=_positive)
+    hidden_size: int = attrs.field(validator=_positive)
+    num_heads: int = attrs.field(validator=_positive)
+    num_kv_heads: int = attrs.field(validator=_positive)
+    head_dim: int = attrs.field(validator=_positive)
+    bytes_per_param: float = attrs.field(default=2.0, validator=_positive)  # bf16
+    bytes_per_kv_elem: float = attrs.field(default=2.0, validator=_positive)  # bf16 KV cache
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """K and V, every layer, every KV head."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.bytes_per_kv_elem
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.num_params * self.bytes_per_param
+
+
+@attrs.frozen(kw_only=True)
+class GpuSpec:
+    name: str
+    peak_flops: float = attrs.field(validator=_positive)  # dense bf16, FLOP/s
+    hbm_bytes_per_s: float = attrs.field(validator=_positive)
+    memory_bytes: float = attrs.field(validator=_positive)
+    host_bytes_per_s: float = attrs.field(validator=_positive)  # achieved, pinned, one direction
+    interconnect_bytes_per_s: float = attrs.field(default=450 * GB, validator=_positive)
+
+
+# Sources. H100 SXM5: 989.4 TFLOP/s dense BF16, 3.35 TB/s HBM3, 80 GB (NVIDIA H100
+# datasheet). H200 SXM: same compute, 4.8 TB/s HBM3e, 141 GB (NVIDIA H200 datasheet).
+# Host link: PCIe Gen5 x16, ~50 GB/s achieved with large pinned copies (DESIGN.md §5).
+# NVLink 4: 450 GB/s per direction per GPU. Llama 3.1 shapes from the HF configs.
+H100 = GpuSpec(name="H100-SXM", peak_flops=989.4e12, hbm_bytes_per_s=3.35e12, memory_bytes=80 * GB,
+               host_bytes_per_s=50 * GB)
+H200 = GpuSpec(name="H200-SXM", peak_flops=989.4e12, hbm_bytes_per_s=4.8e12, memory_bytes=141 * GB,
+               host_bytes_per_s=50 * GB)
+LLAMA_8B = ModelSpec(name="Llama-3.1-8B", num_params=8.03e9, num_layers=32, hidden_size=4096,
+                     num_heads=32, num_kv_heads=8, head_dim=128)
+LLAMA_70B = ModelSpec(name="Llama-3.1-70B", num_params=70.6e9, num_layers=80, hidden_size=8192,
+                      num_heads=64, num_kv_heads=8, head_dim=128)
+
+
+@attrs.frozen(kw_only=True)
+class CostModel:
+    model: ModelSpec
+    gpu: GpuSpec
+    tp: int = attrs.field(default=1, validator=_positive)
+    #: Achieved fraction of peak FLOP/s in prefill-heavy steps. Assumption: 0.6 is in
+    #: the range vLLM reaches on H100 for 8B-70B dense models.
+    mfu: float = 0.6
+    #: Achieved fraction of HBM bandwidth in decode-heavy steps. Assumption: 0.8.
+    mbu: float = 0.8
+    #: Scheduler and launch overhead per step. Assumption: 1 ms (vLLM V1 order of magnitude).
+    step_overhead_s: float = 1e-3
+    #: Latency of one all-reduce under tensor parallelism. Assumption: 10 us.
+    allreduce_latency_s: float = 10e-6
+    #: Share of GPU memory the engine may use (vLLM's gpu_memory_utilization default).
+    memory_utilization: float = 0.9
+    #: Activations, CUDA graphs and workspace, per GPU. Assumption: 4 GiB.
+    reserved_bytes_per_gpu: float = 4 * GiB
+
+    def num_gpu_blocks(self, block_size: int) -> int:
+        usable = self.tp * (self.gpu.memory_bytes * self.memory_utilization - self.reserved_bytes_per_gpu)
+        kv = usable - self.model.weight_bytes
+        blocks = int(kv // (self.model.kv_bytes_per_token * block_size))
+        if blocks < 1:
+            raise BadArgumentError(
+                f"{self.model.name} does not fit on {self.tp} x {self.gpu.name}: "
+                f"{self.model.weight_bytes / GB:.1f} GB of weights, {usable / GB:.1f} GB usable")
+        return blocks
+
+    def step_s(self, num_tokens: int, attention_work: float, kv_tokens_read: float) -> float:
+        """One step: ``num_tokens`` scheduled (prefill chunk tokens + one per
+        decode), ``attention_work`` = sum(q * ctx), ``kv_tokens_read`` KV tokens touched."""
+        m = self.model
+        flops = 2.0 * m.num_params * num_tokens + 4.0 * m.num_layers * m.num_heads * m.head_dim * attention_work
+        compute = flops / (self.tp * self.gpu.peak_flops * self.mfu)
+        memory = (m.weight_bytes + m.kv_bytes_per_token * kv_tokens_read) / (self.tp * self.gpu.hbm_bytes_per_s * self.mbu)
+        comm = 0.0
+        if self.tp > 1:
+            per_reduce = 2.0 * (self.tp - 1) / self.tp * num_tokens * m.hidden_size * m.bytes_per_param
+            comm = 2 * m.num_layers * (self.allreduce_latency_s + per_reduce / self.gpu.interconnect_bytes_per_s)
+        return max(compute, memory) + comm + self.step_overhead_s
+
+    def host_reload_s(self, num_tokens: int) -> float:
+        return num_tokens * self.model.kv_bytes_per_token / self.gpu.host_bytes_per_s
+
+    def reload_model(self, chunk_tokens: int) -> ReloadModel:
+        """Reload(r) as the paper's quadratic: for the roofline model the fit is
+        exact in the compute-bound regime (a chunked prefill of n tokens pays
+        n/chunk step overheads, folded into the linear term)."""
+        m = self.model
+        rate = self.tp * self.gpu.peak_flops * self.mfu
+        return ReloadModel(
+            a=self.step_overhead_s,
+            b=2.0 * m.num_params / rate + self.step_overhead_s / chunk_tokens,
+            c=2.0 * m.num_layers * m.num_heads * m.head_dim / rate,
+            kv_bytes_per_token=m.kv_bytes_per_token,
+            host_bytes_per_s=self.gpu.host_bytes_per_s,
+        )
+
+
+PRESETS = {
+    "llama-3.1-8b-h100": CostModel(model=LLAMA_8B, gpu=H100),
+    "llama-3.1-8b-h200": CostModel(model=LLAMA_8B, gpu=H200),
+    "llama-3.1-70b-4xh100": CostModel(model=LLAMA_70B, gpu=H100, tp=4),
+}
+
+
+def get_preset(name_or_path: str) -> CostModel:
+    """A preset by name, or a JSON file ``{"model": {...}, "gpu": {...}, "tp": 1, ...}``
+    whose model/gpu fields are those of ModelSpec/GpuSpec (a model or gpu may
+    also be given by a preset's name, e.g. ``"gpu": "llama-3.1-8b-h200"``)."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if not path.suffix == ".json" or not path.exists():
+        raise BadArgumentError(f"unknown preset {name_or_path!r}; known: {', '.join(PRESETS)} (or a .json file)")
+    try:
+        spec = json.loads(path.read_text())
+        model, gpu = spec.pop("model"), spec.pop("gpu")
+        model = PRESETS[model].model if isinstance(model, str) else ModelSpec(**model)
+        gpu = PRESETS[gpu].gpu if isinstance(gpu, str) else GpuSpec(**gpu)
+        return CostModel(model=model, gpu=gpu, **spec)
+    except BadArgumentError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadArgumentError(f"preset file {path}: {e}") from None

@@ -1,0 +1,216 @@
+"""Policy x load sweeps: the work behind ``kvttl simulate``."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+import attrs
+import numpy as np
+
+from kvttl.errors import BadArgumentError
+from kvttl.policy import DEFAULT_POLICIES, get_policy
+from kvttl.sim.cost import get_preset
+from kvttl.sim.engine import EngineConfig, Simulator
+from kvttl.sim.workload import generate, get_workload, load_trace
+
+__all__ = ["SweepConfig", "run_sweep", "format_tables", "write_plot", "write_json", "DEFAULT_JPS", "TURN_BUCKETS"]
+
+#: Loads from light to saturated for the 8B / H100 preset (jobs per second).
+DEFAULT_JPS = {"swe-bench": (0.05, 0.1, 0.2, 0.4), "bfcl": (0.5, 1.0, 2.0, 4.0)}
+#: Programs grouped by their number of turns, for the gain-vs-turns table.
+TURN_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, 50))
+
+
+@attrs.frozen(kw_only=True)
+class SweepConfig:
+    workload: str = "swe-bench"
+    trace: str | None = None
+    preset: str = "llama-3.1-8b-h100"
+    policies: tuple[str, ...] = tuple(DEFAULT_POLICIES)
+    jps: tuple[float, ...] | None = None
+    num_programs: int = 60
+    seed: int = 0
+    host_tier_gb: float = 256.0
+    num_gpu_blocks: int | None = None
+    workers: int = 0  # 0: min(2, cpu count)
+
+    def loads(self) -> tuple[float, ...]:
+        if self.jps:
+            return self.jps
+        return DEFAULT_JPS.get(self.workload, DEFAULT_JPS["swe-bench"])
+
+    def validate(self) -> None:
+        """Fails fast, before any worker starts, on anything malformed."""
+        get_preset(self.preset)
+        if self.trace is None:
+            get_workload(self.workload)
+        for name in self.policies:
+            get_policy(name)
+        if not self.policies:
+            raise BadArgumentError("no policies to compare")
+        for x in self.loads():
+            if not (x > 0 and np.isfinite(x)):
+                raise BadArgumentError(f"loads must be positive jobs per second, got {x!r}")
+        if self.num_programs < 1:
+            raise BadArgumentError(f"need at least one program, got {self.num_programs}")
+        if self.host_tier_gb < 0:
+            raise BadArgumentError(f"host tier size must be >= 0 GB, got {self.host_tier_gb}")
+
+
+def _programs(cfg: SweepConfig, jps: float):
+    if cfg.trace:
+        return load_trace(cfg.trace, jps=jps, seed=cfg.seed, max_programs=cfg.num_programs)
+    return generate(get_workload(cfg.workload), cfg.num_programs, jps, seed=cfg.seed)
+
+
+def _run_one(args) -> dict:
+    cfg, policy_name, jps = args
+    cost = get_preset(cfg.preset)
+    engine = EngineConfig(host_tier_gb=cfg.host_tier_gb, num_gpu_blocks=cfg.num_gpu_blocks)
+    blocks = cfg.num_gpu_blocks or cost.num_gpu_blocks(engine.block_size)
+    policy = get_policy(policy_name, capacity_blocks=blocks, reload=cost.reload_model(engine.max_num_batched_tokens))
+    result = Simulator(_programs(cfg, jps), policy, cost, engine, jps=jps).run()
+    summary = result.summary()
+    summary["policy"] = policy_name
+    summary["jct_s"] = result.jct_s.tolist()
+    summary["turns"] = result.turns.tolist()
+    return summary
+
+
+def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> dict:
+    """Every policy at every load; returns ``{"results": [...], "by_turns": [...], "config": {...}}``."""
+    cfg.validate()
+    tasks = [(cfg, p, j) for j in cfg.loads() for p in cfg.policies]
+    workers = cfg.workers or min(2, os.cpu_count() or 1)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), desc="simulating", unit="run", leave=False)
+    rows = []
+    if workers > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for row in pool.map(_run_one, tasks):
+                rows.append(row)
+                if bar:
+                    bar.update()
+    else:
+        for t in tasks:
+            rows.append(_run_one(t))
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
+    baseline = cfg.policies[0]
+    by_turns = []
+    for jps in cfg.loads():
+        at = {r["policy"]: r for r in rows if r["jps"] == jps}
+        base = at[baseline]
+        for r in at.values():
+            r["jct_speedup_vs_" + baseline.replace("-", "_")] = base["mean_jct_s"] / r["mean_jct_s"]
+        turns = np.array(base["turns"])
+        for lo, hi in TURN_BUCKETS:
+            mask = (turns >= lo) & (turns <= hi)
+            if not mask.any():
+                continue
+            base_mean = float(np.mean(np.array(base["jct_s"])[mask]))
+            for name, r in at.items():
+                by_turns.append({"jps": jps, "policy": name, "turns": f"{lo}-{hi}", "num_programs": int(mask.sum()),
+                                 "mean_jct_s": float(np.mean(np.array(r["jct_s"])[mask])),
+                                 "speedup_vs_baseline": base_mean / float(np.mean(np.array(r["jct_s"])[mask]))})
+    return {"results": rows, "by_turns": by_turns, "config": {**attrs.asdict(cfg), "loads": list(cfg.loads()),
+                                                               "baseline": baseline}}
+
+
+def format_tables(report: dict) -> str:
+    cfg = report["config"]
+    baseline = cfg["baseline"]
+    key = "jct_speedup_vs_" + baseline.replace("-", "_")
+    lines = []
+    source = cfg["trace"] or cfg["workload"]
+    lines.append(f"kvttl simulate: {source}, {cfg['num_programs']} programs, preset {cfg['preset']}, "
+                 f"host tier {cfg['host_tier_gb']:g} GB, seed {cfg['seed']}")
+    header = (f"{'jps':>6} {'policy':<18} {'mean JCT s':>10} {'p50':>8} {'p95':>8} {'vs ' + baseline:>10} "
+              f"{'jobs/s':>7} {'hit':>6} {'host':>6} {'queue s':>8} {'leases g/hit/exp/rev':>22} {'preempt':>7}")
+    lines.append(header)
+    lines.append("-" * len(header))
+    for jps in cfg["loads"]:
+        rows = [r for r in report["results"] if r["jps"] == jps]
+        for r in rows:
+            leases = f"{r['leases_granted']}/{r['leases_hit']}/{r['leases_expired']}/{r['leases_revoked']}"
+            lines.append(
+                f"{jps:>6g} {r['policy']:<18} {r['mean_jct_s']:>10.1f} {r['p50_jct_s']:>8.1f} {r['p95_jct_s']:>8.1f} "
+                f"{r[key]:>9.2f}x {r['throughput_jobs_per_s']:>7.3f} {r['prefix_hit_rate']:>6.1%} "
+                f"{r['host_reload_rate']:>6.1%} {r['mean_queue_delay_s']:>8.2f} {leases:>22} {r['preemptions']:>7}")
+        best = min(rows, key=lambda r: r["mean_jct_s"])
+        lines.append(f"{'':>6} best at {jps:g} jps: {best['policy']} ({best[key]:.2f}x vs {baseline})")
+        lines.append("")
+    top = max(cfg["loads"])
+    lines.append(f"Mean JCT speedup vs {baseline} by turns per program, at {top:g} jps:")
+    buckets = [b for b in report["by_turns"] if b["jps"] == top]
+    names = list(dict.fromkeys(b["policy"] for b in buckets))
+    spans = list(dict.fromkeys(b["turns"] for b in buckets))
+    lines.append(f"  {'policy':<18}" + "".join(f"{s + ' turns':>13}" for s in spans))
+    for name in names:
+        cells = {b["turns"]: b for b in buckets if b["policy"] == name}
+        lines.append(f"  {name:<18}" + "".join(f"{cells[s]['speedup_vs_baseline']:>12.2f}x" for s in spans))
+    counts = {b["turns"]: b["num_programs"] for b in buckets}
+    lines.append(f"  {'(programs)':<18}" + "".join(f"{counts[s]:>13}" for s in spans))
+    return "\n".join(lines)
+
+
+def write_plot(report: dict, path: str) -> None:
+    """PNG: mean JCT against load per policy, and the JCT CDF at the highest load."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BadArgumentError("--plot needs matplotlib: pip install 'kvttl[plot]'") from None
+    cfg = report["config"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in cfg["policies"]:
+        rows = sorted((r for r in report["results"] if r["policy"] == name), key=lambda r: r["jps"])
+        left.plot([r["jps"] for r in rows], [r["mean_jct_s"] for r in rows], marker="o", label=name)
+    left.set_xlabel("load (jobs per second)")
+    left.set_ylabel("mean job completion time (s)")
+    left.set_title("Mean JCT against load")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    top = max(cfg["loads"])
+    for r in (r for r in report["results"] if r["jps"] == top):
+        jct = np.sort(r["jct_s"])
+        right.step(jct, np.arange(1, len(jct) + 1) / len(jct), where="post", label=r["policy"])
+    right.set_xlabel("job completion time (s)")
+    right.set_ylabel("fraction of programs")
+    right.set_title(f"JCT CDF at {top:g} jobs/s")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.suptitle(f"{cfg['trace'] or cfg['workload']} on {cfg['preset']}, {cfg['num_programs']} programs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(report: dict, path: str) -> None:
+    """The report, each result with its per-program JCTs (for CDFs) but not the turn counts."""
+    slim = {**report, "results": [{k: v for k, v in r.items() if k != "turns"} for r in report["results"]]}
+    with open(path, "w") as f:
+        json.dump(slim, f, indent=1)
+
+
+def parse_floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BadArgumentError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise BadArgumentError(f"{what}: expected at least one number")
+    return values
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+

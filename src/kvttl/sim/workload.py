@@ -1,0 +1,327 @@
+"""Agent workloads: programs of turns separated by tool calls.
+
+A *program* is one agent session. Each turn sends a prompt (the previous
+context plus new tokens: the tool's observation), generates an output, then
+calls a tool; the next turn arrives when the tool returns. Contexts are
+append-only unless a turn's prompt is shorter than the context so far (a
+compaction), which starts a fresh context.
+
+Sources: synthetic generators (``swe-bench``, ``bfcl``) whose every parameter
+can be overridden from a TOML or JSON spec file, and importers for TraceLab
+JSONL and Dynamo agentic-Mooncake JSONL traces.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import attrs
+import numpy as np
+
+from kvttl.errors import BadArgumentError
+
+__all__ = [
+    "Turn", "Program", "ToolSpec", "WorkloadSpec", "WORKLOADS", "get_workload", "load_workload_spec",
+    "generate", "load_trace", "poisson_arrivals",
+]
+
+
+@attrs.frozen(kw_only=True)
+class Turn:
+    #: full prompt length of this turn, in tokens
+    prompt_tokens: int
+    output_tokens: int
+    #: tool called after this turn; None on the last turn
+    tool: str | None = None
+    #: seconds until the next turn arrives (the tool's duration)
+    tool_duration_s: float = 0.0
+    #: explicit client TTL hint ("30s", "5m"), if the client sends one
+    ttl_hint: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Program:
+    program_id: int
+    arrival_s: float
+    turns: tuple[Turn, ...]
+    #: leading tokens shared by every program of the workload (a system prompt)
+    shared_prefix_tokens: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class ToolSpec:
+    """A tool's duration distribution: lognormal with this median and sigma."""
+
+    name: str
+    weight: float
+    median_s: float
+    sigma: float
+
+
+def _lognormal(rng, median, sigma, size=None):
+    return median * np.exp(sigma * rng.standard_normal(size))
+
+
+@attrs.frozen(kw_only=True)
+class WorkloadSpec:
+    """A synthetic workload. Turns per program: gamma-distributed around
+    ``mean_turns`` (shape ``turns_shape``), at least 1, at most ``max_turns``.
+    Token counts: lognormal (median, sigma)."""
+
+    name: str
+    mean_turns: float
+    max_turns: int
+    turns_shape: float
+    initial_tokens_median: float
+    initial_tokens_sigma: float
+    shared_prefix_tokens: int
+    observation_tokens_median: float
+    observation_tokens_sigma: float
+    output_tokens_median: float
+    output_tokens_sigma: float
+    tools: tuple[ToolSpec, ...]
+    max_context_tokens: int = 128_000
+    #: share of programs whose client sends an explicit TTL hint, and the hint
+    ttl_hint_share: float = 0.0
+    ttl_hint: str = "5m"
+
+    def __attrs_post_init__(self):
+        if not self.tools or any(t.weight < 0 or t.median_s < 0 or t.sigma < 0 for t in self.tools):
+            raise BadArgumentError(f"workload {self.name!r}: needs tools with weight, median_s, sigma >= 0")
+        if not (1 <= self.mean_turns <= self.max_turns):
+            raise BadArgumentError(f"workload {self.name!r}: need 1 <= mean_turns <= max_turns")
+
+
+# SWE-bench with mini-swe-agent (DESIGN.md §4): 10.9 turns on average, step cap 50,
+# about 70k +- 20k tokens at the end. The bash tool mix is synthetic, shaped to the
+# TraceLab coding-agent statistics (tool latency p50 ~0.3 s, p90 ~14 s; most calls
+# under a second, most tool time in minutes-long calls).
+SWE_BENCH = WorkloadSpec(
+    name="swe-bench", mean_turns=10.9, max_turns=50, turns_shape=10.0,
+    initial_tokens_median=6000, initial_tokens_sigma=0.25, shared_prefix_tokens=2048,
+    observation_tokens_median=3700, observation_tokens_sigma=0.9,
+    output_tokens_median=250, output_tokens_sigma=0.6,
+    tools=(
+        ToolSpec(name="cat", weight=0.35, median_s=0.15, sigma=0.7),
+        ToolSpec(name="grep", weight=0.20, median_s=0.4, sigma=1.0),
+        ToolSpec(name="edit", weight=0.20, median_s=0.2, sigma=0.5),
+        ToolSpec(name="python", weight=0.20, median_s=6.0, sigma=1.3),
+        ToolSpec(name="pip", weight=0.05, median_s=30.0, sigma=1.0),
+    ),
+)
+
+# BFCL v4 web search: 6.3 turns on average, shorter contexts, network-bound tools.
+BFCL = WorkloadSpec(
+    name="bfcl", mean_turns=6.3, max_turns=20, turns_shape=4.0,
+    initial_tokens_median=1500, initial_tokens_sigma=0.3, shared_prefix_tokens=1024,
+    observation_tokens_median=600, observation_tokens_sigma=0.6,
+    output_tokens_median=80, output_tokens_sigma=0.5,
+    tools=(
+        ToolSpec(name="web_search", weight=0.6, median_s=1.2, sigma=0.5),
+        ToolSpec(name="fetch_url", weight=0.4, median_s=0.8, sigma=0.7),
+    ),
+)
+
+WORKLOADS = {"swe-bench": SWE_BENCH, "bfcl": BFCL}
+
+
+def poisson_arrivals(num: int, jps: float, rng: np.random.Generator) -> np.ndarray:
+    if not (jps > 0 and math.isfinite(jps)):
+        raise BadArgumentError(f"jobs per second must be a positive number, got {jps!r}")
+    return np.cumsum(rng.exponential(1.0 / jps, num))
+
+
+def generate(spec: WorkloadSpec, num_programs: int, jps: float, seed: int = 0) -> list[Program]:
+    """``num_programs`` programs arriving as a Poisson process at ``jps``.
+    Deterministic for a given seed; the same seed gives the same programs at
+    every load (only the arrival times scale)."""
+    if num_programs < 1:
+        raise BadArgumentError(f"need at least one program, got {num_programs}")
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0, num_programs)
+    arrivals = np.cumsum(gaps) / jps
+    weights = np.array([t.weight for t in spec.tools], dtype=np.float64)
+    weights = weights / weights.sum()
+    programs = []
+    for pid in range(num_programs):
+        n = int(np.clip(round(rng.gamma(spec.turns_shape, spec.mean_turns / spec.turns_shape)), 1, spec.max_turns))
+        hint = spec.ttl_hint if rng.random() < spec.ttl_hint_share else None
+        context = max(spec.shared_prefix_tokens + 16, int(_lognormal(rng, spec.initial_tokens_median, spec.initial_tokens_sigma)))
+        turns = []
+        for k in range(n):
+            out = max(1, int(_lognormal(rng, spec.output_tokens_median, spec.output_tokens_sigma)))
+            last = k == n - 1
+            tool = spec.tools[int(rng.choice(len(spec.tools), p=weights))]
+            duration = float(_lognormal(rng, tool.median_s, tool.sigma))
+            prompt = context
+            turns.append(Turn(prompt_tokens=prompt, output_tokens=out,
+                              tool=None if last else tool.name, tool_duration_s=0.0 if last else duration,
+                              ttl_hint=None if last else hint))
+            observation = int(_lognormal(rng, spec.observation_tokens_median, spec.observation_tokens_sigma))
+            context = min(spec.max_context_tokens, prompt + out + observation)
+            if context <= prompt + out:  # at the context cap the agent stops
+                turns[-1] = attrs.evolve(turns[-1], tool=None, tool_duration_s=0.0, ttl_hint=None)
+                break
+        programs.append(Program(program_id=pid, arrival_s=float(arrivals[pid]), turns=tuple(turns),
+                                shared_prefix_tokens=spec.shared_prefix_tokens))
+    return programs
+
+
+def _read_spec_file(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text)
+    if path.suffix == ".json":
+        return json.loads(text)
+    raise BadArgumentError(f"workload spec {path}: expected a .toml or .json file")
+
+
+def load_workload_spec(path: str | Path) -> WorkloadSpec:
+    """A spec file: any WorkloadSpec field, over the defaults of ``base``
+    (``swe-bench`` unless given). ``tools`` is a list of tables with
+    ``name``, ``weight``, ``median_s`` and ``sigma``."""
+    path = Path(path)
+    try:
+        raw = _read_spec_file(path)
+    except (OSError, ValueError) as e:
+        raise BadArgumentError(f"workload spec {path}: {e}") from None
+    base = WORKLOADS.get(raw.pop("base", "swe-bench"))
+    if base is None:
+        raise BadArgumentError(f"workload spec {path}: base must be one of {', '.join(WORKLOADS)}")
+    fields = {f.name for f in attrs.fields(WorkloadSpec)}
+    unknown = set(raw) - fields
+    if unknown:
+        raise BadArgumentError(f"workload spec {path}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
+    if "tools" in raw:
+        try:
+            raw["tools"] = tuple(ToolSpec(**t) for t in raw["tools"])
+        except TypeError as e:
+            raise BadArgumentError(f"workload spec {path}: tools: {e}") from None
+    raw.setdefault("name", path.stem)
+    try:
+        return attrs.evolve(base, **raw)
+    except (TypeError, ValueError) as e:
+        raise BadArgumentError(f"workload spec {path}: {e}") from None
+
+
+def get_workload(name_or_path: str) -> WorkloadSpec:
+    if name_or_path in WORKLOADS:
+        return WORKLOADS[name_or_path]
+    if Path(name_or_path).suffix in (".toml", ".json"):
+        return load_workload_spec(name_or_path)
+    raise BadArgumentError(f"unknown workload {name_or_path!r}; known: {', '.join(WORKLOADS)} (or a .toml/.json spec)")
+
+
+# ---- trace importers ------------------------------------------------------------
+
+def _rows(path: Path) -> Iterable[tuple[int, dict]]:
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise BadArgumentError(f"{path}:{lineno}: not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise BadArgumentError(f"{path}:{lineno}: expected a JSON object per line")
+            yield lineno, row
+
+
+def _count(row, key, path, lineno, default=None):
+    value = row.get(key, default)
+    if value is None:
+        raise BadArgumentError(f"{path}:{lineno}: missing {key!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+        raise BadArgumentError(f"{path}:{lineno}: {key!r} must be a non-negative number, got {value!r}")
+    return value
+
+
+def _tracelab_turn(row, path, lineno):
+    """TraceLab normalized round: tokens and the tools[] the round called.
+    Tool time = tool_internal_latency_ms if present, else tool_wall_latency_ms
+    (TraceLab's own precedence), summed over the round's calls."""
+    if "input_tokens_total" in row:
+        prompt = _count(row, "input_tokens_total", path, lineno)
+    else:
+        prompt = _count(row, "prefix_tokens", path, lineno, 0) + _count(row, "newly_append_tokens", path, lineno)
+    out = max(1, int(_count(row, "output_tokens", path, lineno)))
+    tools = row.get("tools") or []
+    if not isinstance(tools, list):
+        raise BadArgumentError(f"{path}:{lineno}: 'tools' must be a list")
+    wait_ms, name = 0.0, None
+    for t in tools:
+        latency = t.get("tool_internal_latency_ms")
+        if latency is None:
+            latency = t.get("tool_wall_latency_ms") or 0.0
+        wait_ms += max(0.0, float(latency))
+        name = name or str(t.get("tool_name") or "tool")
+    return max(1, int(prompt)), out, name, wait_ms / 1000.0
+
+
+def _mooncake_turn(row, path, lineno):
+    """Dynamo agentic-Mooncake row: the wait before the *next* row of the same
+    session is ``tool_wait_ms`` (or ``delay``) on this row."""
+    prompt = int(_count(row, "input_length", path, lineno))
+    out = max(1, int(_count(row, "output_length", path, lineno)))
+    wait = row.get("tool_wait_ms", row.get("delay", 0)) or 0
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
+        raise BadArgumentError(f"{path}:{lineno}: tool_wait_ms/delay must be >= 0 ms, got {wait!r}")
+    return max(1, prompt), out, row.get("tool") or "tool", float(wait) / 1000.0
+
+
+def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
+               max_programs: int | None = None) -> list[Program]:
+    """Programs from a TraceLab or Dynamo agentic-Mooncake JSONL trace (told
+    apart by their fields). Sessions are grouped by ``session_id`` in file
+    order. Arrivals: Poisson at ``jps`` when given; otherwise Mooncake's
+    ``timestamp`` (ms) of each session's first row, and for TraceLab, which
+    has none usable, an error asking for ``jps``."""
+    path = Path(path)
+    if not path.exists():
+        raise BadArgumentError(f"trace {path} does not exist")
+    sessions: dict[str, list] = {}
+    first_ts: dict[str, float] = {}
+    kind = None
+    for lineno, row in _rows(path):
+        this = "tracelab" if ("tools" in row or "newly_append_tokens" in row or "input_tokens_total" in row) else (
+            "mooncake" if "input_length" in row else None)
+        if this is None:
+            raise BadArgumentError(f"{path}:{lineno}: neither a TraceLab round nor a Mooncake row "
+                                   "(expected input_tokens_total/newly_append_tokens or input_length)")
+        kind = kind or this
+        if this != kind:
+            raise BadArgumentError(f"{path}:{lineno}: mixes {this} rows into a {kind} trace")
+        sid = str(row.get("session_id", f"row{lineno}"))
+        parse = _tracelab_turn if kind == "tracelab" else _mooncake_turn
+        sessions.setdefault(sid, []).append(parse(row, path, lineno))
+        if kind == "mooncake" and sid not in first_ts and "timestamp" in row:
+            first_ts[sid] = _count(row, "timestamp", path, lineno) / 1000.0
+    if not sessions:
+        raise BadArgumentError(f"trace {path} has no rows")
+    ids = list(sessions)[:max_programs]
+    if jps is not None:
+        arrivals = poisson_arrivals(len(ids), jps, np.random.default_rng(seed))
+    elif kind == "mooncake" and all(s in first_ts for s in ids):
+        arrivals = np.array([first_ts[s] for s in ids])
+    else:
+        raise BadArgumentError(f"trace {path}: no arrival times in it; pass a load (jobs per second)")
+    programs = []
+    for pid, (sid, t0) in enumerate(zip(ids, arrivals)):
+        rows = sessions[sid]
+        turns = []
+        for k, (prompt, out, tool, wait) in enumerate(rows):
+            last = k == len(rows) - 1
+            turns.append(Turn(prompt_tokens=prompt, output_tokens=out, tool=None if last else (tool or "tool"),
+                              tool_duration_s=0.0 if last else wait))
+        programs.append(Program(program_id=pid, arrival_s=float(t0), turns=tuple(turns)))
+    order = np.argsort([p.arrival_s for p in programs], kind="stable")
+    return [attrs.evolve(programs[i], program_id=n) for n, i in enumerate(order)]
