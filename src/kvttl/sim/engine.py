@@ -87,6 +87,7 @@ class _Prog:
     finish_prev: float = 0.0
     attained_s: float = 0.0
     finished_at: float | None = None
+    turns_done: int = 0
 
 
 @attrs.define
@@ -293,7 +294,8 @@ class Simulator:
             req.first_scheduled = self.now
             delay = self.now - req.arrival
             self.queue_delays.append(delay)
-            prev_blocks = min(prog.context, req.prompt) // bs
+            # Blocks the previous turn could leave cached: its last token has no KV yet.
+            prev_blocks = min(prog.context - 1, req.prompt) // bs
             if req.turn > 0:
                 self.c["reprefill"] += max(0, prev_blocks - len(hit) - host_hit) * bs
                 # Evicted from the GPU, even if the host tier has a copy: the
@@ -350,6 +352,10 @@ class Simulator:
 
     def _finish(self, req: _Req) -> None:
         prog = req.prog
+        if req.turn != prog.turns_done:
+            raise RuntimeError(f"simulator bug: program {prog.program.program_id} finished turn {req.turn} "
+                               f"after {prog.turns_done} turns")
+        prog.turns_done += 1
         self.running.remove(req)
         self.freed_version += 1
         self._register_full(req)
@@ -518,11 +524,16 @@ class Simulator:
         return k
 
     def _advance(self, dt: float) -> None:
+        if not dt >= 0:
+            raise RuntimeError(f"simulator bug: time would move by {dt} s")
         self.pinned_block_s += self.pool.num_pinned * dt
         self.now += dt
 
     def _result(self) -> RunResult:
         progs = self.progs
+        lost = [p.program.program_id for p in progs if p.turns_done != len(p.program.turns)]
+        if lost:
+            raise RuntimeError(f"simulator bug: programs {lost[:5]} did not complete every turn")
         jct = np.array([p.finished_at - p.program.arrival_s for p in progs])
         first = min(p.program.arrival_s for p in progs)
         last = max(p.finished_at for p in progs)

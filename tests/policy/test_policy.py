@@ -1,0 +1,265 @@
+"""Policy math against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kvttl.errors import BadArgumentError
+from kvttl.policy import (
+    ContinuumPreviewTTL,
+    ContinuumTTL,
+    DurationCDF,
+    FixedTTL,
+    InferCeptTTL,
+    NeverPin,
+    QueueEntry,
+    ReloadModel,
+    SlidingMean,
+    ToolDurationEstimator,
+    TurnContext,
+    TurnCorrelation,
+    continuum_tau,
+    get_policy,
+    least_attained_service,
+    parse_ttl,
+    policy_names,
+    program_fcfs,
+    register_policy,
+    request_fcfs,
+)
+
+
+# ---- TTL hints -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("hint, seconds", [("30s", 30), ("5m", 300), ("1h", 3600), ("250ms", 0.25),
+                                           (" 1.5m ", 90), (12, 12.0), (0.5, 0.5), ("0s", 0)])
+def test_parse_ttl(hint, seconds):
+    assert parse_ttl(hint) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("hint, words", [("5 minutes", ["not a duration"]), ("", ["not a duration"]),
+                                         ("-5s", ["not a duration"]), ("1d", ["not a duration"]),
+                                         (-1, ["non-negative"]), (math.nan, ["finite"]), (math.inf, ["finite"]),
+                                         ("25h", ["above"]), (True, ["duration"]), (None, ["str or a number"]),
+                                         ([5], ["str or a number"])])
+def test_parse_ttl_rejects_garbage_clearly(hint, words):
+    with pytest.raises(BadArgumentError) as info:
+        parse_ttl(hint)
+    for w in words:
+        assert w in str(info.value)
+    if isinstance(hint, str) and hint:
+        assert repr(hint) in str(info.value)
+
+
+# ---- tau* --------------------------------------------------------------------------------
+
+def cdf(*samples):
+    return DurationCDF(np.sort(np.array(samples, dtype=float)))
+
+
+def test_cdf_counts_ties_to_the_last_sample():
+    c = cdf(1, 1, 3)
+    assert c(0.5) == 0 and c(1) == pytest.approx(2 / 3) and c(3) == 1
+    assert c.at_support().tolist() == pytest.approx([2 / 3, 2 / 3, 1])
+
+
+@pytest.mark.parametrize("samples, value, tau", [
+    # F(1)=1/3, F(2)=2/3, F(4)=1. value 6: gains 1, 2, 2 -> the shorter of the tie, 2
+    ((1, 2, 4), 6.0, 2.0),
+    # value 12: gains 3, 6, 8 -> 4
+    ((1, 2, 4), 12.0, 4.0),
+    # value 3: gains 0, 0, -1 -> nothing beats not pinning
+    ((1, 2, 4), 3.0, 0.0),
+    # ties in the sample: F(1)=2/3, value 3: gains 1, 1, 0 -> 1
+    ((1, 1, 3), 3.0, 1.0),
+    ((1, 2, 4), 0.0, 0.0),
+])
+def test_continuum_tau_by_hand(samples, value, tau):
+    assert continuum_tau(cdf(*samples), value) == tau
+
+
+def test_continuum_ttl_uses_t_eta_and_reload():
+    policy = ContinuumTTL(min_samples=3, window=10)
+    for d in (1.0, 2.0, 4.0):
+        policy.on_tool_return("bash", d)
+    turn = TurnContext(program_id=1, tool="bash", prefill_s=3.0)
+    assert policy.value_s(turn) == 3.0  # no evicted return yet: T = 0
+    assert policy.ttl(turn) == 0.0      # value 3 -> see above
+    policy.on_admitted(3.0, evicted=True)  # T = 3, eta = 1 (default) -> value 6
+    policy.on_admitted(100.0, evicted=False)  # not evicted: not counted
+    assert policy.value_s(turn) == 6.0 and policy.ttl(turn) == 2.0
+
+
+def test_continuum_ttl_honours_hints():
+    policy = ContinuumTTL()
+    assert policy.ttl(TurnContext(program_id=1, hint_ttl_s=30.0)) == 30.0
+    assert ContinuumTTL(honor_hints=False).ttl(TurnContext(program_id=1, hint_ttl_s=30.0)) == 0.0
+
+
+def test_reload_is_the_cheaper_way_back():
+    assert TurnContext(program_id=1, prefill_s=2.0).reload_s == 2.0
+    assert TurnContext(program_id=1, prefill_s=2.0, host_reload_s=0.5).reload_s == 0.5
+
+
+# ---- cold start and estimators ---------------------------------------------------------------
+
+def test_cold_start_stages():
+    est = ToolDurationEstimator(min_samples=3, window=5)
+    assert est.stage("a") == "prior"
+    est.observe("a", 1.0)
+    est.observe("a", 1.0)
+    assert est.stage("a") == "prior"
+    est.observe("b", 9.0)  # 3 returns in total: the global CDF
+    assert est.stage("a") == est.stage("b") == est.stage("new") == "global"
+    assert est.cdf("a").support.tolist() == [1.0, 1.0, 9.0]
+    est.observe("a", 2.0)  # a has 3 of its own
+    assert est.stage("a") == "tool" and est.stage("b") == "global"
+    assert est.cdf("a").support.tolist() == [1.0, 1.0, 2.0]
+
+
+def test_prior_is_exponential_with_mean_one_second():
+    est = ToolDurationEstimator()
+    prior = est.cdf("anything")
+    assert prior(1.0) == pytest.approx(1 - math.exp(-1), abs=1 / 64)
+    assert est.mean("anything") == pytest.approx(1.0, rel=0.05)
+
+
+def test_window_bounds_memory_and_follows_drift():
+    est = ToolDurationEstimator(min_samples=2, window=4)
+    for d in range(10):
+        est.observe("a", float(d))
+    assert est.cdf("a").support.tolist() == [6.0, 7.0, 8.0, 9.0]
+    assert est.tool_mean("a") == 7.5 and est.tool_mean("never") is None
+
+
+def test_unknown_tool_names_are_bounded():
+    est = ToolDurationEstimator(min_samples=1, window=4, max_tools=3)
+    for i in range(10):
+        est.observe(f"tool{i}", 1.0)
+    assert len(est._tools) <= 4
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, "3s", None])
+def test_estimator_rejects_bad_durations(bad):
+    with pytest.raises(BadArgumentError, match="duration"):
+        ToolDurationEstimator().observe("a", bad)
+
+
+def test_estimator_rejects_bad_settings():
+    with pytest.raises(BadArgumentError):
+        ToolDurationEstimator(min_samples=10, window=5)
+    with pytest.raises(BadArgumentError):
+        ToolDurationEstimator(prior_mean_s=0)
+
+
+def test_eta_is_one_when_every_program_has_the_same_length():
+    corr = TurnCorrelation(min_programs=2)
+    assert corr.eta == 1.0  # default while cold
+    for _ in range(3):
+        corr.add_program(4)
+    assert corr.eta == pytest.approx(1.0)
+
+
+def test_eta_matches_numpy_on_mixed_programs():
+    rng = np.random.default_rng(3)
+    corr = TurnCorrelation(min_programs=1)
+    ks, rs = [], []
+    for n in rng.integers(1, 30, 50):
+        corr.add_program(int(n))
+        ks += list(range(1, n + 1))
+        rs += [n - k for k in range(1, n + 1)]
+    expected = -np.corrcoef(ks, rs)[0, 1]
+    assert corr.eta == pytest.approx(max(0.0, min(1.0, expected)), abs=1e-9)
+    with pytest.raises(BadArgumentError):
+        corr.add_program(0)
+
+
+def test_sliding_mean():
+    m = SlidingMean(3)
+    assert m.mean(default=7.0) == 7.0
+    for x in (1, 2, 3, 4):
+        m.add(x)
+    assert m.mean() == 3.0 and len(m) == 3
+
+
+# ---- the other TTL policies -------------------------------------------------------------------
+
+def test_simple_policies():
+    turn = TurnContext(program_id="p", tool="bash")
+    assert NeverPin().ttl(turn) == 0.0
+    assert FixedTTL(2.5).ttl(turn) == 2.5
+    with pytest.raises(BadArgumentError):
+        FixedTTL(-1)
+
+
+def test_continuum_preview_rule():
+    policy = ContinuumPreviewTTL()
+    assert policy.ttl(TurnContext(program_id=1, tool="new")) == 2.0  # unknown tools are pinned
+    policy.on_tool_return("fast", 1.0)
+    policy.on_tool_return("fast", 2.0)
+    policy.on_tool_return("slow", 5.0)
+    assert policy.ttl(TurnContext(program_id=1, tool="fast")) == 2.0  # mean 1.5 <= 2
+    assert policy.ttl(TurnContext(program_id=1, tool="slow")) == 0.0
+
+
+def test_infercept_preserve_discard_swap():
+    policy = InferCeptTTL()
+    short = TurnContext(program_id=1, tool="t", num_tokens=1000, prefill_s=0.5, used_tokens=10_000)
+    assert policy.ttl(short) == math.inf and not policy.offload(short)  # waste 1000*~1 < 0.5*10000
+    for _ in range(200):
+        policy.on_tool_return("t", 100.0)
+    assert policy.ttl(short) == 0.0 and not policy.offload(short)  # preserve 1e5 > discard 5000
+    swap = TurnContext(program_id=1, tool="t", num_tokens=1000, prefill_s=0.5, host_reload_s=0.01, used_tokens=10_000)
+    assert policy.ttl(swap) == 0.0 and policy.offload(swap)  # swap 2*0.01*10000 = 200
+
+
+# ---- orders ------------------------------------------------------------------------------------
+
+def test_queue_orders():
+    new_program_early_turn = QueueEntry(request_arrival=5.0, program_arrival=4.0, has_lease=False, attained_service_s=0.0)
+    old_program_late_turn = QueueEntry(request_arrival=9.0, program_arrival=1.0, has_lease=False, attained_service_s=50.0)
+    pinned = QueueEntry(request_arrival=10.0, program_arrival=3.0, has_lease=True, attained_service_s=20.0)
+    entries = [new_program_early_turn, old_program_late_turn, pinned]
+    assert sorted(entries, key=request_fcfs) == [new_program_early_turn, old_program_late_turn, pinned]
+    assert sorted(entries, key=program_fcfs) == [pinned, old_program_late_turn, new_program_early_turn]
+    assert sorted(entries, key=least_attained_service) == [new_program_early_turn, pinned, old_program_late_turn]
+
+
+# ---- reload model ---------------------------------------------------------------------------------
+
+def test_reload_model_fit_recovers_a_quadratic():
+    n = np.array([1000, 4000, 16000, 64000])
+    t = 0.01 + 2e-5 * n + 3e-10 * n**2
+    m = ReloadModel.fit(n, t, kv_bytes_per_token=131072, host_bytes_per_s=50e9)
+    assert m.prefill_s(32000) == pytest.approx(0.01 + 2e-5 * 32000 + 3e-10 * 32000**2, rel=1e-6)
+    assert m.host_reload_s(50_000) == pytest.approx(50_000 * 131072 / 50e9)
+    assert ReloadModel().host_reload_s(10) is None
+    with pytest.raises(BadArgumentError, match=">= 3"):
+        ReloadModel.fit([1, 2], [1, 2])
+    with pytest.raises(BadArgumentError, match="finite"):
+        ReloadModel.fit([1, 2, math.nan], [1, 2, 3])
+
+
+# ---- registry ----------------------------------------------------------------------------------------
+
+def test_registry():
+    names = policy_names()
+    for name in ("vllm", "vllm-lmcache", "autellix", "infercept", "continuum-preview", "continuum", "kvttl"):
+        assert name in names
+        assert get_policy(name).name == name
+    assert get_policy("fixed:5m").ttl.ttl(TurnContext(program_id=1)) == 300.0
+    with pytest.raises(BadArgumentError, match="known: .*continuum"):
+        get_policy("contnuum")
+    with pytest.raises(BadArgumentError, match="not a duration"):
+        get_policy("fixed:soon")
+    with pytest.raises(BadArgumentError, match="already registered"):
+        register_policy("vllm", lambda **_: None)
+
+
+def test_each_bundle_gets_fresh_learning_state():
+    a, b = get_policy("continuum"), get_policy("continuum")
+    a.ttl.on_tool_return("x", 1.0)
+    assert b.ttl.estimator.num_observed == 0

@@ -1,0 +1,322 @@
+"""The simulator: invariants, determinism, the effect it exists to show, and
+its inputs (cost model, workloads, traces, CLI)."""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+
+import numpy as np
+import pytest
+
+from kvttl.cli import main
+from kvttl.errors import BadArgumentError
+from kvttl.policy import get_policy
+from kvttl.sim import (
+    PRESETS,
+    EngineConfig,
+    Program,
+    Simulator,
+    Turn,
+    generate,
+    get_preset,
+    get_workload,
+    load_trace,
+    load_workload_spec,
+)
+
+H100 = get_preset("llama-3.1-8b-h100")
+DATA = resources.files("kvttl.sim") / "data"
+
+
+def run(programs, policy, *, blocks=None, host_gb=0.0, jps=0.2):
+    cost = H100
+    config = EngineConfig(num_gpu_blocks=blocks, host_tier_gb=host_gb)
+    facts = dict(capacity_blocks=blocks or cost.num_gpu_blocks(16), reload=cost.reload_model(8192))
+    sim = Simulator(programs, get_policy(policy, **facts), cost, config, jps=jps)
+    return sim, sim.run()
+
+
+# ---- cost model --------------------------------------------------------------------------
+
+def test_gpu_blocks_from_memory():
+    usable = 80e9 * 0.9 - 4 * 1024**3 - 8.03e9 * 2
+    assert H100.num_gpu_blocks(16) == int(usable // (2 * 32 * 8 * 128 * 2 * 16))
+    assert PRESETS["llama-3.1-70b-4xh100"].num_gpu_blocks(16) > 0
+
+
+def test_step_time_roofline():
+    # one decode token, no KV: weights streamed once, plus the step overhead
+    assert H100.step_s(1, 0, 0) == pytest.approx(8.03e9 * 2 / (3.35e12 * 0.8) + 1e-3)
+    # a big prefill chunk is compute-bound
+    t = H100.step_s(8192, 8192 * 4096, 8192)
+    assert t == pytest.approx((2 * 8.03e9 * 8192 + 4 * 32 * 32 * 128 * 8192 * 4096) / (989.4e12 * 0.6) + 1e-3)
+    assert PRESETS["llama-3.1-8b-h200"].step_s(64, 0, 64 * 30000) < H100.step_s(64, 0, 64 * 30000)
+    tp = PRESETS["llama-3.1-70b-4xh100"]
+    assert tp.step_s(512, 0, 0) > 0
+
+
+def test_reload_model_matches_chunked_prefill_cost():
+    reload = H100.reload_model(8192)
+    n = 65536
+    steps = sum(H100.step_s(8192, 8192 * (i * 8192 + 4096), 0) for i in range(n // 8192))
+    assert reload.prefill_s(n) == pytest.approx(steps, rel=0.05)
+
+
+def test_preset_files(tmp_path):
+    spec = tmp_path / "mine.json"
+    spec.write_text(json.dumps({"model": "llama-3.1-8b-h100", "gpu": {"name": "X", "peak_flops": 5e14,
+                                "hbm_bytes_per_s": 2e12, "memory_bytes": 48e9, "host_bytes_per_s": 25e9}, "tp": 1}))
+    cost = get_preset(str(spec))
+    assert cost.gpu.name == "X" and cost.num_gpu_blocks(16) < H100.num_gpu_blocks(16)
+    with pytest.raises(BadArgumentError, match="known: llama-3.1-8b-h100"):
+        get_preset("a100")
+    spec.write_text(json.dumps({"model": "llama-3.1-8b-h100", "gpu": {"name": "X", "peak_flops": -1}}))
+    with pytest.raises(BadArgumentError):
+        get_preset(str(spec))
+    spec.write_text(json.dumps({"model": {"name": "huge", "num_params": 1e12, "num_layers": 100, "hidden_size": 1,
+                                          "num_heads": 1, "num_kv_heads": 1, "head_dim": 1}, "gpu": "llama-3.1-8b-h100"}))
+    with pytest.raises(BadArgumentError, match="does not fit"):
+        get_preset(str(spec)).num_gpu_blocks(16)
+
+
+# ---- workloads ------------------------------------------------------------------------------
+
+def test_generator_is_deterministic_and_load_only_scales_arrivals():
+    spec = get_workload("swe-bench")
+    a, b = generate(spec, 20, 0.1, seed=3), generate(spec, 20, 0.1, seed=3)
+    assert a == b
+    c = generate(spec, 20, 0.2, seed=3)
+    assert [p.turns for p in a] == [p.turns for p in c]
+    assert [p.arrival_s / 2 for p in a] == pytest.approx([p.arrival_s for p in c])
+    assert generate(spec, 20, 0.1, seed=4) != a
+
+
+def test_swe_bench_generator_matches_its_sources():
+    programs = generate(get_workload("swe-bench"), 400, 1.0, seed=0)
+    turns = np.array([len(p.turns) for p in programs])
+    final = np.array([p.turns[-1].prompt_tokens + p.turns[-1].output_tokens for p in programs])
+    tools = np.array([t.tool_duration_s for p in programs for t in p.turns[:-1]])
+    assert 10 <= turns.mean() <= 12 and turns.max() <= 50 and turns.min() >= 1
+    assert 55_000 <= final.mean() <= 85_000 and 12_000 <= final.std() <= 35_000
+    assert 0.15 <= np.percentile(tools, 50) <= 0.5 and 5 <= np.percentile(tools, 90) <= 30
+    for p in programs:
+        prompts = [t.prompt_tokens for t in p.turns]
+        assert prompts == sorted(prompts)  # contexts only grow
+        assert p.turns[-1].tool is None and all(t.tool for t in p.turns[:-1])
+
+
+def test_spec_file_overrides(tmp_path):
+    toml = tmp_path / "short.toml"
+    toml.write_text('base = "bfcl"\nmean_turns = 3.0\nmax_turns = 5\n'
+                    '[[tools]]\nname = "db"\nweight = 1.0\nmedian_s = 0.5\nsigma = 0.1\n')
+    spec = load_workload_spec(toml)
+    assert spec.name == "short" and spec.mean_turns == 3.0 and spec.initial_tokens_median == 1500
+    programs = generate(spec, 50, 1.0)
+    assert max(len(p.turns) for p in programs) <= 5
+    assert {t.tool for p in programs for t in p.turns[:-1]} == {"db"}
+    js = tmp_path / "w.json"
+    js.write_text(json.dumps({"mean_turns": 4.0}))
+    assert get_workload(str(js)).observation_tokens_median == get_workload("swe-bench").observation_tokens_median
+
+
+@pytest.mark.parametrize("content, words", [
+    ('mean_turns = 3\nturns = 9\n', ["unknown fields", "turns"]),
+    ('base = "nope"\n', ["base must be one of"]),
+    ('mean_turns = 80\n', ["mean_turns <= max_turns"]),
+    ('[[tools]]\nname = "x"\n', ["tools"]),
+    ('mean_turns = = 3', ["w.toml"]),
+])
+def test_bad_spec_files(tmp_path, content, words):
+    path = tmp_path / "w.toml"
+    path.write_text(content)
+    with pytest.raises(BadArgumentError) as info:
+        load_workload_spec(path)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_unknown_workload():
+    with pytest.raises(BadArgumentError, match="known: swe-bench, bfcl"):
+        get_workload("swebench")
+
+
+def test_tracelab_import():
+    programs = load_trace(DATA / "tracelab_sample.jsonl", jps=0.5, seed=1)
+    assert sorted(len(p.turns) for p in programs) == [3, 4, 5, 6]
+    rows = [json.loads(line) for line in (DATA / "tracelab_sample.jsonl").read_text().splitlines()]
+    first = [r for r in rows if r["session_id"] == "sess-0"]
+    p0 = next(p for p in programs if len(p.turns) == len(first))
+    for turn, row in zip(p0.turns, first):
+        assert turn.prompt_tokens == row["input_tokens_total"] and turn.output_tokens == row["output_tokens"]
+        if row["tools"]:
+            t = row["tools"][0]
+            expect = t["tool_internal_latency_ms"] if t["tool_internal_latency_ms"] is not None else t["tool_wall_latency_ms"]
+            assert turn.tool_duration_s == pytest.approx(expect / 1000) and turn.tool == t["tool_name"]
+    assert p0.turns[-1].tool is None
+    with pytest.raises(BadArgumentError, match="pass a load"):
+        load_trace(DATA / "tracelab_sample.jsonl")
+
+
+def test_mooncake_import_uses_its_timestamps():
+    programs = load_trace(DATA / "mooncake_sample.jsonl")
+    assert [p.arrival_s for p in programs] == [0.0, 1.5, 3.0, 4.5]
+    assert [len(p.turns) for p in programs] == [2, 3, 4, 5]
+    assert programs[0].turns[0].tool_duration_s > 0 and programs[0].turns[-1].tool is None
+    assert load_trace(DATA / "mooncake_sample.jsonl", max_programs=2, jps=1.0)[1].arrival_s > 0
+
+
+@pytest.mark.parametrize("lines, words", [
+    (["not json"], ["not JSON"]),
+    (['{"foo": 1}'], ["neither a TraceLab round nor a Mooncake row"]),
+    (['{"input_length": -5, "output_length": 3}'], ["'input_length' must be a non-negative number"]),
+    (['{"input_length": 5}'], ["missing 'output_length'"]),
+    (['{"input_length": 5, "output_length": 3}', '{"newly_append_tokens": 5, "output_tokens": 3}'], ["mixes"]),
+    (['[1, 2]'], ["JSON object"]),
+    ([], ["no rows"]),
+])
+def test_bad_traces(tmp_path, lines, words):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines))
+    with pytest.raises(BadArgumentError) as info:
+        load_trace(path, jps=1.0)
+    for w in words:
+        assert w in str(info.value)
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["vllm", "vllm-lmcache", "autellix", "infercept", "continuum-preview",
+                                    "continuum", "kvttl", "fixed:3s"])
+def test_every_policy_completes_every_turn_without_leaks(policy):
+    programs = generate(get_workload("swe-bench"), 12, 0.3, seed=2)
+    sim, result = run(programs, policy, host_gb=64.0, blocks=7000)  # tight: preemptions and revocations happen
+    assert len(result.jct_s) == 12 and np.all(result.jct_s > 0)
+    # a program cannot finish before its tools have run
+    for p, jct in zip(programs, result.jct_s):
+        assert jct >= sum(t.tool_duration_s for t in p.turns)
+    assert sim.pool.num_referenced == 0 and sim.pool.num_pinned == 0 and sim.table.num_leases == 0
+    sim.pool.check_invariants()
+    summary = result.summary()
+    assert 0 <= summary["prefix_hit_rate"] <= 1
+    assert summary["output_tokens_per_s"] > 0
+    # every output token is generated exactly once: a preempted request
+    # recomputes its KV, not its tokens
+    assert result.output_tokens == sum(t.output_tokens for p in programs for t in p.turns)
+
+
+def test_tight_pools_exercise_preemption_and_revocation():
+    programs = generate(get_workload("swe-bench"), 12, 0.3, seed=2)
+    _, result = run(programs, "continuum", host_gb=0.0, blocks=7000)
+    assert result.preemptions > 0 and result.leases_revoked > 0
+    assert result.output_tokens == sum(t.output_tokens for p in programs for t in p.turns)
+
+
+def test_simulation_is_deterministic():
+    programs = generate(get_workload("bfcl"), 15, 2.0, seed=5)
+    a = run(programs, "continuum")[1].summary()
+    b = run(programs, "continuum")[1].summary()
+    assert a == b
+
+
+def test_kvttl_is_continuum_without_a_host_tier():
+    programs = generate(get_workload("swe-bench"), 15, 0.3, seed=1)
+    a = run(programs, "continuum", host_gb=0.0)[1].summary()
+    b = run(programs, "kvttl", host_gb=0.0)[1].summary()
+    a.pop("policy"), b.pop("policy")
+    assert a == b
+
+
+def pressure_scenario():
+    """C keeps the engine busy; A pins its context over a 5 s tool call; B,
+    a newer program, needs more than the free blocks meanwhile.
+
+        pool: 300 blocks. C <= 60, A's context 102 blocks, B's prompt 213: with
+        A pinned B does not fit until A is back; without, B evicts A.
+    """
+    c = Program(program_id=0, arrival_s=0.0, turns=(Turn(prompt_tokens=160, output_tokens=800),))
+    a = Program(program_id=1, arrival_s=0.1, turns=(
+        Turn(prompt_tokens=1600, output_tokens=32, tool="bash", tool_duration_s=5.0),
+        Turn(prompt_tokens=1700, output_tokens=16)))
+    b = Program(program_id=2, arrival_s=1.0, turns=(Turn(prompt_tokens=3400, output_tokens=16),))
+    return [c, a, b]
+
+
+def test_a_pin_keeps_the_context_that_a_stock_engine_evicts():
+    _, stock = run(pressure_scenario(), "vllm", blocks=300)
+    _, pinned = run(pressure_scenario(), "fixed:30s", blocks=300)
+    assert stock.reprefilled_tokens > 0, "the scenario must evict A's context without pins"
+    assert pinned.reprefilled_tokens == 0 and pinned.leases_hit == 1 and pinned.leases_granted == 1
+    assert pinned.jct_s[1] < stock.jct_s[1]
+
+
+def test_an_expired_pin_frees_its_blocks():
+    programs = pressure_scenario()
+    programs[1] = Program(program_id=1, arrival_s=0.1, turns=(
+        Turn(prompt_tokens=1600, output_tokens=32, tool="bash", tool_duration_s=60.0),
+        Turn(prompt_tokens=1700, output_tokens=16)))
+    sim, result = run(programs, "fixed:2s", blocks=300)
+    assert result.leases_expired == 1 and result.leases_hit == 0
+    assert result.jct_s[2] < 30  # B did not wait for A's minute-long tool
+
+
+def test_a_turn_too_big_for_the_engine_is_refused_up_front():
+    big = [Program(program_id=0, arrival_s=0.0, turns=(Turn(prompt_tokens=10_000, output_tokens=10),))]
+    with pytest.raises(BadArgumentError, match="needs 626 blocks; the engine has 100"):
+        run(big, "vllm", blocks=100)
+
+
+def test_gain_grows_with_turns_on_the_default_workload():
+    """The paper's Fig. 13 shape: continuum's advantage over vllm is larger
+    for programs with more turns (here at a saturating load)."""
+    programs = generate(get_workload("swe-bench"), 40, 0.3, seed=0)
+    _, base = run(programs, "vllm", jps=0.3)
+    _, cont = run(programs, "continuum", jps=0.3)
+    turns = base.turns
+    few, many = turns <= np.median(turns), turns > np.median(turns)
+    gain = lambda mask: base.jct_s[mask].mean() / cont.jct_s[mask].mean()  # noqa: E731
+    assert cont.jct_s.mean() < base.jct_s.mean()
+    assert gain(many) > gain(few)
+
+
+# ---- the CLI --------------------------------------------------------------------------------------
+
+def test_simulate_cli_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["simulate", "--programs", "6", "--jps", "0.2,0.4", "--policies", "vllm,continuum,kvttl",
+               "--json", str(out), "--plot", str(png), "--quiet", "--workers", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "best at 0.4 jps" in text and "by turns per program" in text
+    report = json.loads(out.read_text())
+    assert len(report["results"]) == 6
+    for r in report["results"]:
+        for key in ("policy", "jps", "mean_jct_s", "p50_jct_s", "p95_jct_s", "throughput_jobs_per_s",
+                    "prefix_hit_rate", "leases_granted", "preemptions", "mean_queue_delay_s", "jct_s"):
+            assert key in r
+        assert len(r["jct_s"]) == 6
+    assert report["config"]["loads"] == [0.2, 0.4]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_cli_on_a_trace(tmp_path, capsys):
+    rc = main(["simulate", "--trace", str(DATA / "mooncake_sample.jsonl"), "--jps", "1", "--policies",
+               "vllm,continuum", "--quiet", "--workers", "1"])
+    assert rc == 0 and "mooncake_sample.jsonl" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--policies", "vllm,nope"], ["unknown policy 'nope'"]),
+    (["--jps", "fast"], ["--jps", "comma-separated numbers"]),
+    (["--jps", "-1"], ["positive"]),
+    (["--preset", "tpu"], ["unknown preset"]),
+    (["--workload", "chat"], ["unknown workload"]),
+    (["--programs", "0"], ["at least one program"]),
+    (["--host-gb", "-2"], [">= 0 GB"]),
+])
+def test_simulate_cli_errors(capsys, args, words):
+    assert main(["simulate", "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err
