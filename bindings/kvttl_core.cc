@@ -3,19 +3,24 @@
 // DLPack through nb::ndarray).
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 
 #include "kvttl/block_pool.h"
 #include "kvttl/lease_table.h"
+#include "kvttl/swap.h"
 
 #ifdef KVTTL_WITH_CUDA
 #include "cuda_probe.h"
+#include "swap_cuda.h"
 #endif
 
 namespace nb = nanobind;
@@ -303,6 +308,163 @@ kvttl::RevokeOrder parse_order(const std::string& name) {
   throw BadArgument("revoke: unknown order '" + name +
                     "'; known: latest_granted, earliest_deadline, lowest_priority, most_blocks");
 }
+
+// ---- swap ---------------------------------------------------------------------
+
+// Host memory for a host tier: page-aligned ordinary memory, or mapped pinned
+// memory (cudaHostAlloc) that the CUDA backend's kernels address directly.
+class HostBuffer {
+ public:
+  HostBuffer(int64_t num_bytes, bool pinned) : num_bytes_(num_bytes), pinned_(pinned) {
+    KVTTL_CHECK(num_bytes > 0, BadArgument, "host tier: size must be > 0 bytes, got ", num_bytes);
+    if (pinned) {
+#ifdef KVTTL_WITH_CUDA
+      data_ = static_cast<uint8_t*>(kvttl::cuda::host_alloc_pinned(static_cast<size_t>(num_bytes)));
+#else
+      throw BadArgument("host tier: pinned memory needs a CUDA build of kvttl (this one was built without CUDA)");
+#endif
+    } else {
+      const size_t rounded = (static_cast<size_t>(num_bytes) + 4095) / 4096 * 4096;
+      data_ = static_cast<uint8_t*>(std::aligned_alloc(4096, rounded));
+      KVTTL_CHECK(data_ != nullptr, kvttl::OutOfBlocks, "host tier: could not allocate ", num_bytes, " bytes");
+    }
+  }
+  ~HostBuffer() {
+#ifdef KVTTL_WITH_CUDA
+    if (pinned_) {
+      kvttl::cuda::host_free_pinned(data_);
+      return;
+    }
+#endif
+    std::free(data_);
+  }
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  uint8_t* data() const { return data_; }
+  int64_t num_bytes() const { return num_bytes_; }
+  bool pinned() const { return pinned_; }
+
+ private:
+  uint8_t* data_ = nullptr;
+  int64_t num_bytes_;
+  bool pinned_;
+};
+
+kvttl::swap::LayerView parse_layer(nb::handle obj, size_t index, int want_device, int* device_id) {
+  nb::ndarray<> arr;
+  KVTTL_CHECK(nb::try_cast(obj, arr, false), BadArgument, "swap: layer ", index, " is a ", type_name(obj.ptr()),
+              "; expected a tensor or array (DLPack, __cuda_array_interface__ or the buffer protocol)");
+  const int device = arr.device_type();
+  KVTTL_CHECK(device == want_device, BadArgument, "swap: layer ", index, " lives on device type ", device,
+              want_device == nb::device::cuda::value ? " but the cuda backend needs CUDA tensors"
+                                                     : " but the cpu backend needs host (CPU) arrays");
+  if (index == 0) *device_id = arr.device_id();
+  KVTTL_CHECK(arr.device_id() == *device_id, BadArgument, "swap: layer ", index, " is on device ",
+              arr.device_id(), ", layer 0 on device ", *device_id);
+  KVTTL_CHECK(arr.ndim() >= 1, BadArgument, "swap: layer ", index, " must have a block dimension first");
+  const int64_t item = arr.dtype().bits / 8;
+  KVTTL_CHECK(item >= 1 && arr.dtype().bits % 8 == 0, BadArgument, "swap: layer ", index,
+              " has a sub-byte dtype");
+  int64_t expected = 1;
+  for (size_t d = arr.ndim(); d-- > 1;) {
+    KVTTL_CHECK(arr.shape(d) == 1 || arr.stride(d) == expected, BadArgument, "swap: layer ", index,
+                ": each block's page must be contiguous (dimension ", d, " has stride ", arr.stride(d),
+                ", expected ", expected, ")");
+    expected *= static_cast<int64_t>(arr.shape(d));
+  }
+  kvttl::swap::LayerView v;
+  v.base = static_cast<uint8_t*>(arr.data());
+  v.num_blocks = static_cast<int64_t>(arr.shape(0));
+  v.page_bytes = expected * item;
+  v.row_stride = arr.shape(0) == 1 ? v.page_bytes : arr.stride(0) * item;
+  return v;
+}
+
+// Validates and dispatches transfers to the CPU queue or the CUDA backend.
+class SwapEngine {
+ public:
+  SwapEngine(nb::list layers, HostBuffer& host, int64_t num_slots, const std::string& backend, int max_ctas)
+      : cuda_(backend == "cuda") {
+    KVTTL_CHECK(backend == "cuda" || backend == "cpu", BadArgument, "swap: backend must be cpu or cuda, got '",
+                backend, "'");
+#ifndef KVTTL_WITH_CUDA
+    KVTTL_CHECK(!cuda_, BadArgument, "swap: the cuda backend needs a CUDA build of kvttl (built without CUDA)");
+#endif
+    KVTTL_CHECK(!cuda_ || host.pinned(), BadArgument, "swap: the cuda backend needs a pinned host tier");
+    std::vector<kvttl::swap::LayerView> views;
+    const int want = cuda_ ? nb::device::cuda::value : nb::device::cpu::value;
+    for (size_t i = 0; i < nb::len(layers); ++i) views.push_back(parse_layer(layers[i], i, want, &device_));
+    layout_ = kvttl::swap::Layout::make(std::move(views));
+    KVTTL_CHECK(num_slots >= 1 && num_slots <= INT32_MAX, BadArgument, "swap: num_slots must be >= 1, got ",
+                num_slots);
+    KVTTL_CHECK(num_slots * layout_.slot_bytes <= host.num_bytes(), BadArgument, "swap: ", num_slots,
+                " slots of ", layout_.slot_bytes, " bytes need ", num_slots * layout_.slot_bytes,
+                " bytes; the host buffer has ", host.num_bytes());
+    layout_.host = host.data();
+    layout_.num_slots = num_slots;
+    if (cuda_) {
+#ifdef KVTTL_WITH_CUDA
+      gpu_ = std::make_unique<kvttl::cuda::CudaSwap>(layout_, device_, max_ctas);
+#endif
+    } else {
+      KVTTL_CHECK(max_ctas >= 1, BadArgument, "swap: max_ctas must be >= 1, got ", max_ctas);
+      cpu_ = std::make_unique<kvttl::swap::CpuQueue>();
+    }
+  }
+
+  std::shared_ptr<kvttl::swap::Transfer> submit(nb::handle src, nb::handle dst, const std::string& direction,
+                                                const std::string& method, uintptr_t stream, uintptr_t wait_stream) {
+    using kvttl::swap::Direction;
+    const Direction dir = direction == "to_host"     ? Direction::kToHost
+                          : direction == "to_device" ? Direction::kToDevice
+                          : direction == "device"    ? Direction::kDeviceToDevice
+                                                     : throw BadArgument("swap: unknown direction '" + direction + "'");
+    std::vector<BlockId> s = to_vector(parse_ids(src, tl_ids, INT32_MAX, "swap: source ids"));
+    std::vector<BlockId> d = to_vector(parse_ids(dst, tl_ids, INT32_MAX, "swap: destination ids"));
+    KVTTL_CHECK(s.size() == d.size(), BadArgument, "swap: ", s.size(), " source ids but ", d.size(),
+                " destination ids");
+    std::vector<kvttl::swap::Pair> pairs(s.size());
+    for (size_t i = 0; i < s.size(); ++i) pairs[i] = {s[i], d[i]};
+    kvttl::swap::validate(layout_, pairs, dir);
+    int64_t bytes = 0;
+    for (const auto& v : layout_.layers) bytes += v.page_bytes * static_cast<int64_t>(pairs.size());
+    if (!cuda_) {
+      KVTTL_CHECK(stream == 0 && wait_stream == 0, BadArgument, "swap: the cpu backend takes no CUDA streams");
+      const kvttl::swap::Layout layout = layout_;
+      return cpu_->submit([layout, pairs, dir] { kvttl::swap::copy_cpu(layout, pairs, dir); }, bytes);
+    }
+#ifdef KVTTL_WITH_CUDA
+    kvttl::cuda::Method m = method == "kernel"    ? kvttl::cuda::Method::kKernel
+                            : method == "batched" ? kvttl::cuda::Method::kBatchedMemcpy
+                            : method == "loop"    ? kvttl::cuda::Method::kLoop
+                                                  : throw BadArgument("swap: unknown method '" + method +
+                                                                      "'; known: kernel, batched, loop");
+    return gpu_->submit(pairs, dir, m, stream, wait_stream);
+#else
+    (void)method;
+    throw BadArgument("swap: built without CUDA");
+#endif
+  }
+
+  int64_t slot_bytes() const { return layout_.slot_bytes; }
+  int64_t num_blocks() const { return layout_.num_blocks(); }
+  int64_t num_slots() const { return layout_.num_slots; }
+  int device() const { return device_; }
+  std::vector<int64_t> page_bytes() const {
+    std::vector<int64_t> out;
+    for (const auto& v : layout_.layers) out.push_back(v.page_bytes);
+    return out;
+  }
+
+ private:
+  bool cuda_;
+  int device_ = 0;
+  kvttl::swap::Layout layout_;
+  std::unique_ptr<kvttl::swap::CpuQueue> cpu_;
+#ifdef KVTTL_WITH_CUDA
+  std::unique_ptr<kvttl::cuda::CudaSwap> gpu_;
+#endif
+};
 
 }  // namespace
 
@@ -651,4 +813,48 @@ NB_MODULE(_core, m) {
       .def_prop_ro("max_pinned_blocks", &kvttl::LeaseTable::max_pinned_blocks)
       .def_prop_ro("heap_size", &kvttl::LeaseTable::heap_size)
       .def("check_invariants", &kvttl::LeaseTable::check_invariants);
+
+  // ---- swap ------------------------------------------------------------------------
+  nb::class_<HostBuffer>(m, "HostBuffer")
+      .def("__init__",
+           [](HostBuffer* self, nb::handle num_bytes, bool pinned) {
+             new (self) HostBuffer(to_int(num_bytes, "host tier: num_bytes"), pinned);
+           },
+           "num_bytes"_a.none(), "pinned"_a)
+      .def_prop_ro("num_bytes", &HostBuffer::num_bytes)
+      .def_prop_ro("pinned", &HostBuffer::pinned)
+      .def("view",
+           [](nb::handle self, int64_t rows, int64_t row_bytes) {
+             HostBuffer& b = nb::cast<HostBuffer&>(self);
+             KVTTL_CHECK(rows >= 0 && row_bytes >= 0 && rows * row_bytes <= b.num_bytes(), BadArgument,
+                         "host tier: a view of ", rows, " x ", row_bytes, " bytes does not fit in ",
+                         b.num_bytes());
+             return nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>>(
+                 b.data(), {static_cast<size_t>(rows), static_cast<size_t>(row_bytes)}, self);
+           },
+           "rows"_a, "row_bytes"_a);
+
+  nb::class_<kvttl::swap::Transfer>(m, "Transfer")
+      .def("done", &kvttl::swap::Transfer::done)
+      .def("wait", &kvttl::swap::Transfer::wait, nb::call_guard<nb::gil_scoped_release>())
+      .def_ro("num_bytes", &kvttl::swap::Transfer::num_bytes);
+
+  nb::class_<SwapEngine>(m, "SwapEngine")
+      .def(nb::init<nb::list, HostBuffer&, int64_t, const std::string&, int>(), "layers"_a, "host"_a,
+           "num_slots"_a, "backend"_a, "max_ctas"_a, nb::keep_alive<1, 3>())
+      .def("submit", &SwapEngine::submit, "src"_a.none(), "dst"_a.none(), "direction"_a, "method"_a, "stream"_a,
+           "wait_stream"_a)
+      .def_prop_ro("slot_bytes", &SwapEngine::slot_bytes)
+      .def_prop_ro("num_blocks", &SwapEngine::num_blocks)
+      .def_prop_ro("num_slots", &SwapEngine::num_slots)
+      .def_prop_ro("device", &SwapEngine::device)
+      .def_prop_ro("page_bytes", &SwapEngine::page_bytes);
+
+  m.def("has_batched_memcpy", []() {
+#ifdef KVTTL_WITH_CUDA
+    return kvttl::cuda::has_batched_memcpy();
+#else
+    return false;
+#endif
+  });
 }
