@@ -384,7 +384,7 @@ kvttl::swap::LayerView parse_layer(nb::handle obj, size_t index, int want_device
 class SwapEngine {
  public:
   SwapEngine(nb::list layers, HostBuffer& host, int64_t num_slots, const std::string& backend, int max_ctas)
-      : cuda_(backend == "cuda") {
+      : layers_(layers), cuda_(backend == "cuda") {
     KVTTL_CHECK(backend == "cuda" || backend == "cpu", BadArgument, "swap: backend must be cpu or cuda, got '",
                 backend, "'");
 #ifndef KVTTL_WITH_CUDA
@@ -457,6 +457,9 @@ class SwapEngine {
   }
 
  private:
+  // Declared first, destroyed last: the queue below drains before the
+  // tensors its copies point into can go.
+  nb::list layers_;
   bool cuda_;
   int device_ = 0;
   kvttl::swap::Layout layout_;

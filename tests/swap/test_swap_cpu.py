@@ -200,3 +200,22 @@ def test_asking_for_cuda_without_a_gpu_says_why():
     layers = [np.zeros((4, 16), np.uint8)]
     with pytest.raises(BadArgumentError, match="cuda backend cannot run here: (no usable CUDA device|kvttl was built without CUDA)"):
         TransferEngine(layers, HostTier(slot_bytes=16, num_slots=4), backend="cuda")
+
+
+def test_dropping_everything_while_copies_are_queued_is_safe():
+    """The native engine owns the tensors until its queue has drained."""
+    import gc
+
+    rng = np.random.default_rng(9)
+    host_copy = None
+    for _ in range(20):
+        layers = [rng.integers(0, 256, (64, 4096), dtype=np.uint8) for _ in range(4)]
+        expect = np.concatenate([l[63] for l in layers])
+        eng, host = engine_for(layers, num_slots=64)
+        for b in range(64):
+            eng.offload([b], [b])
+        host_copy = host
+        del layers, eng
+        gc.collect()
+    # the queue drained before the engine went: the last slot holds block 63
+    assert np.array_equal(host_copy.array()[63], expect)

@@ -171,7 +171,6 @@ class TransferEngine:
                 f"{host.slot_bytes} (make it with HostTier.for_layers)")
         self.backend = backend
         self.host = host
-        self._layers = layers  # the native engine holds raw pointers into these
         self._native = _core.SwapEngine(layers, host.buffer, host.num_slots, backend, max_ctas)
         self._kernel_max = kernel_max_fragment_bytes
         pages = self._native.page_bytes

