@@ -37,21 +37,8 @@ def tokens(n):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import torch
-    import transformers
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=4096,
+def engine(tiny_llama):
+    llm = LLM(model=tiny_llama, skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=4096,
               dtype="bfloat16", gpu_memory_utilization=0.3, num_gpu_blocks_override=40,
               kv_transfer_config=KVTransferConfig(
                   kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",

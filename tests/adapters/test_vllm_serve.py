@@ -27,15 +27,8 @@ CONNECTOR = {"kv_connector": "KvttlConnector", "kv_connector_module_path": "kvtt
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    import torch
-    import transformers
-
-    model = tmp_path_factory.mktemp("serve-llama")
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(model)
+def server(tiny_llama, tmp_path_factory):
+    model = tiny_llama
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
