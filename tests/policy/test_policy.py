@@ -263,3 +263,35 @@ def test_each_bundle_gets_fresh_learning_state():
     a, b = get_policy("continuum"), get_policy("continuum")
     a.ttl.on_tool_return("x", 1.0)
     assert b.ttl.estimator.num_observed == 0
+
+
+# ---- turn hints and the tool parser (shared by the engine adapters) ------------------------
+
+from kvttl.policy import parse_turn_hints, tool_from_output  # noqa: E402
+
+
+def test_turn_hints_parse_and_validate():
+    h = parse_turn_hints({"program_id": "agent-1", "tool": "bash", "last_turn": "true", "ttl": "5m"})
+    assert (h.program_id, h.tool, h.last_turn, h.ttl_s, h.warnings) == ("agent-1", "bash", True, 300.0, ())
+    assert parse_turn_hints({"tool": "bash"}) is None and parse_turn_hints(None) is None
+    h = parse_turn_hints({"program_id": 7, "ttl": "-1s", "tool": 5})
+    assert h.ttl_s is None and h.tool == "" and len(h.warnings) == 2 and "ttl ignored" in h.warnings[0]
+    for bad, match in [({"program_id": True}, "program_id"), ({"program_id": " "}, "empty"),
+                       ({"program_id": 2**64}, "64 bits"), ({"program_id": 1.5}, "program_id"), ([1], "mapping")]:
+        with pytest.raises(BadArgumentError, match=match):
+            parse_turn_hints(bad)
+
+
+@pytest.mark.parametrize("text, tool", [
+    ("THOUGHT: run the tests\n```bash\ncd /repo && FOO=1 python -m pytest -q\n```", "bash:cd"),
+    ("```bash\n# look around first\nls -la\n```", "bash:ls"),
+    ("```sh\n/usr/bin/grep -rn foo .\n```", "bash:grep"),
+    ("```bash\n```", "bash"),
+    ("```bash\nls\n```\nand\n```bash\npwd\n```", ""),  # two actions: mini-swe-agent rejects those too
+    ('<tool_call>\n{"name": "web_search", "arguments": {"q": "x"}}\n</tool_call>', "web_search"),
+    ('{"name": "read_file", "arguments": "{}"}', "read_file"),
+    ("The answer is 42.", ""),
+    ("", ""),
+])
+def test_tool_from_output(text, tool):
+    assert tool_from_output(text) == tool

@@ -42,7 +42,7 @@ from typing import Any
 
 import kvttl
 from kvttl.errors import KvttlError
-from kvttl.policy import TurnContext, get_policy, parse_ttl
+from kvttl.policy import TurnContext, get_policy, parse_turn_hints
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -64,12 +64,6 @@ class KvttlConnectorMetadata(KVConnectorMetadata):
     """Nothing crosses to the workers: leases live on the scheduler only."""
 
 
-def _truthy(value) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes")
-    return bool(value)
-
-
 def parse_hints(kv_transfer_params: dict | None, extra_args: dict | None) -> dict | None:
     """The kvttl hints of a request, or None when it has no program id.
     Bad hints are dropped with a warning: a garbage hint never fails a request."""
@@ -79,24 +73,16 @@ def parse_hints(kv_transfer_params: dict | None, extra_args: dict | None) -> dic
         nested = extra.get("kvttl") if isinstance(extra.get("kvttl"), dict) else None
     if nested is None:
         nested = {k[len("kvttl_"):]: v for k, v in extra.items() if k.startswith("kvttl_")}
-    if not isinstance(nested, dict) or nested.get("program_id") is None:
+    try:
+        hints = parse_turn_hints(nested)
+    except KvttlError as e:
+        logger.warning("kvttl: ignoring request hints: %s", e)
         return None
-    program = nested["program_id"]
-    if isinstance(program, bool) or not isinstance(program, (str, int)) or (isinstance(program, str) and not program):
-        logger.warning("kvttl: ignoring request hints: program_id must be a non-empty str or an int, got %r", program)
+    if hints is None:
         return None
-    if isinstance(program, int) and not -(2**63) <= program < 2**63:
-        logger.warning("kvttl: ignoring request hints: program_id %r does not fit in 64 bits", program)
-        return None
-    ttl = None
-    if nested.get("ttl") is not None:
-        try:
-            ttl = parse_ttl(nested["ttl"])
-        except KvttlError as e:
-            logger.warning("kvttl: ignoring the ttl hint of program %r: %s", program, e)
-    tool = nested.get("tool")
-    return {"program_id": program, "tool": str(tool) if tool is not None else "",
-            "last_turn": _truthy(nested.get("last_turn", False)), "ttl_s": ttl}
+    for problem in hints.warnings:
+        logger.warning("kvttl: program %r: %s", hints.program_id, problem)
+    return {"program_id": hints.program_id, "tool": hints.tool, "last_turn": hints.last_turn, "ttl_s": hints.ttl_s}
 
 
 class KvttlConnector(KVConnectorBase_V1, SupportsHMA):

@@ -1,14 +1,27 @@
-"""Explicit TTL hints in the vocabulary users already know from Anthropic's
-prompt caching: ``cache_control: {"type": "ephemeral", "ttl": "5m"}``."""
+"""What a request tells kvttl about its program, parsed the same way for every engine.
+
+- TTL hints in the vocabulary users already know from Anthropic's prompt
+  caching: ``cache_control: {"type": "ephemeral", "ttl": "5m"}``.
+- Turn hints: ``{"program_id": ..., "tool": ..., "last_turn": ..., "ttl": ...}``,
+  however the engine carries them (vLLM's ``kv_transfer_params``, SGLang's
+  ``kv_hints``).
+- The tool a turn is about to call, read from its output when the client did
+  not say (a fenced ``bash`` block as mini-swe-agent writes, or an OpenAI
+  ``tool_calls`` entry).
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Mapping
+
+import attrs
 
 from kvttl.errors import BadArgumentError
 
-__all__ = ["parse_ttl", "MAX_TTL_S"]
+__all__ = ["parse_ttl", "MAX_TTL_S", "TurnHints", "parse_turn_hints", "tool_from_output"]
 
 #: The longest pin a hint may ask for. Longer asks are refused, not clamped:
 #: a client that asks for a day has a bug worth hearing about.
@@ -39,3 +52,94 @@ def parse_ttl(hint: str | int | float) -> float:
     if seconds > MAX_TTL_S:
         raise BadArgumentError(f"ttl hint {hint!r} is {seconds:g} s, above the {MAX_TTL_S:g} s maximum")
     return seconds
+
+
+@attrs.frozen
+class TurnHints:
+    """One request's program hints, validated. ``warnings`` lists the hints
+    that were dropped (a bad TTL never fails the request: it is ignored)."""
+
+    program_id: str | int
+    tool: str = ""
+    last_turn: bool = False
+    ttl_s: float | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def _truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def parse_turn_hints(payload: Mapping | None) -> TurnHints | None:
+    """TurnHints from a mapping with ``program_id`` (str or 64-bit int),
+    optional ``tool``, ``last_turn`` and ``ttl``. None when there is no
+    program id: the request takes the engine's normal path. Raises
+    BadArgumentError naming the field when the program id itself is unusable."""
+    if payload is None:
+        return None
+    if not isinstance(payload, Mapping):
+        raise BadArgumentError(f"kvttl hints must be a mapping, got {type(payload).__name__}")
+    program = payload.get("program_id")
+    if program is None:
+        return None
+    if isinstance(program, bool) or not isinstance(program, (str, int)):
+        raise BadArgumentError(f"program_id must be a non-empty str or an int, got {program!r}")
+    if isinstance(program, str) and not program.strip():
+        raise BadArgumentError("program_id must be a non-empty str or an int, got an empty string")
+    if isinstance(program, int) and not -(2**63) <= program < 2**63:
+        raise BadArgumentError(f"program_id {program!r} does not fit in 64 bits")
+    warnings = []
+    ttl = None
+    if payload.get("ttl") is not None:
+        try:
+            ttl = parse_ttl(payload["ttl"])
+        except BadArgumentError as e:
+            warnings.append(f"ttl ignored: {e}")
+    tool = payload.get("tool")
+    if tool is not None and not isinstance(tool, str):
+        warnings.append(f"tool ignored: must be a str, got {type(tool).__name__}")
+        tool = None
+    return TurnHints(program_id=program, tool=tool or "", last_turn=_truthy(payload.get("last_turn", False)),
+                     ttl_s=ttl, warnings=tuple(warnings))
+
+
+_BASH_BLOCK = re.compile(r"```(?:bash|sh|shell)[ \t]*\n(.*?)```", re.DOTALL)
+_TOOL_CALL_NAME = re.compile(r'"name"\s*:\s*"([^"]{1,128})"')
+
+
+def tool_from_output(text: str) -> str:
+    """The tool a turn's output calls, or "" when it calls none.
+
+    - exactly one fenced bash block (mini-swe-agent's action format):
+      ``"bash:<program>"``, the first word of its first command, so that
+      ``pytest`` and ``ls`` get separate duration distributions;
+    - an OpenAI-style tool call (``{"name": "search", "arguments": ...}``, as
+      models emit it inside ``<tool_call>`` tags or as JSON): its name.
+    Two or more bash blocks are ambiguous (mini-swe-agent rejects them too): "".
+    """
+    if not isinstance(text, str) or not text:
+        return ""
+    blocks = _BASH_BLOCK.findall(text)
+    if len(blocks) == 1:
+        for line in blocks[0].splitlines():
+            words = line.strip().split()
+            # skip comments and "VAR=value" prefixes
+            while words and "=" in words[0] and not words[0].startswith(("-", "/", ".")):
+                words.pop(0)
+            if words and not words[0].startswith("#"):
+                return "bash:" + words[0].rsplit("/", 1)[-1][:64]
+        return "bash"
+    if blocks:
+        return ""
+    match = _TOOL_CALL_NAME.search(text)
+    if match:
+        return match.group(1)
+    try:
+        call = json.loads(text)
+    except (ValueError, RecursionError):
+        return ""
+    if isinstance(call, Mapping) and isinstance(call.get("name"), str):
+        return call["name"][:128]
+    return ""

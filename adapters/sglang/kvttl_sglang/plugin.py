@@ -1,0 +1,63 @@
+"""SGLang plug-in: the ``kvttl`` radix-cache backend and program-level FCFS.
+
+SGLang calls :func:`register` in every process it starts (it is the
+``sglang.srt.plugins`` entry point of the kvttl distribution), so
+``--radix-cache-backend kvttl`` works with no import in user code.
+
+Scheduling uses SGLang's hook registry: after ``SchedulePolicy.calc_priority``
+sorts the waiting queue, and only when the tree cache is kvttl's and the
+policy is ``fcfs`` (SGLang's default), the queue is re-sorted at program
+level (pinned programs first, then by the program's first arrival) and, if its
+head cannot fit, leases of later programs are revoked.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("kvttl.sglang")
+
+BACKEND_NAME = "kvttl"
+CALC_PRIORITY = "sglang.srt.managers.schedule_policy.SchedulePolicy.calc_priority"
+
+_registered = False
+
+
+def create_cache(ctx):
+    """The registry factory: SGLang's own construction path (HiCache and the
+    rest included) with kvttl's subclass in place of UnifiedRadixCache."""
+    from sglang.srt.mem_cache.registry import create_unified_radix_cache
+
+    from kvttl_sglang.cache import KvttlRadixCache
+
+    return create_unified_radix_cache(ctx, cache_class=KvttlRadixCache)
+
+
+def after_calc_priority(result, policy, waiting_queue, running_batch=None, processed_tokens=0):
+    """AFTER hook of SchedulePolicy.calc_priority (see the module docstring)."""
+    from sglang.srt.managers.schedule_policy import CacheAgnosticPolicy
+
+    from kvttl_sglang.cache import KvttlRadixCache
+
+    cache = policy.tree_cache
+    if not isinstance(cache, KvttlRadixCache) or not waiting_queue:
+        return result
+    if cache.kvttl_config["program_fcfs"] and policy.policy == CacheAgnosticPolicy.FCFS:
+        waiting_queue.sort(key=cache.queue_key)
+    cache.relieve_pressure(waiting_queue, running_batch)
+    return result
+
+
+def register() -> None:
+    """Entry point: register the backend and the scheduling hook (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if get_radix_cache_factory(BACKEND_NAME) is None:
+        register_radix_cache_backend(BACKEND_NAME, create_cache)
+    HookRegistry.register(CALC_PRIORITY, after_calc_priority, HookType.AFTER)
+    _registered = True
+    logger.info("kvttl: radix cache backend %r registered", BACKEND_NAME)

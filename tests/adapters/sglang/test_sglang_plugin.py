@@ -1,0 +1,88 @@
+"""The plug-in seams: the entry point, the registered backend, program-level FCFS
+through SGLang's hook registry on the real SchedulePolicy, and TP-rank agreement."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+from tests.adapters.sglang.harness import FakeClock, Turn, make_cache, make_kv_hints, run_turn, tokens
+
+
+def test_entry_point_registers_the_backend_and_the_hook():
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    (ep,) = [ep for ep in importlib.metadata.entry_points(group="sglang.srt.plugins") if ep.name == "kvttl"]
+    ep.load()()
+    ep.load()()  # SGLang loads plugins in every process, sometimes twice: idempotent
+    from kvttl_sglang import plugin
+
+    assert get_radix_cache_factory("kvttl") is plugin.create_cache
+    assert any(hook is plugin.after_calc_priority for _, hook, _ in HookRegistry._hooks[plugin.CALC_PRIORITY])
+
+
+def test_program_fcfs_through_the_real_schedule_policy():
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from kvttl_sglang import plugin
+
+    plugin.register()
+    HookRegistry.apply_hooks()
+    clock = FakeClock()
+    cache = make_cache(tokens=256, clock=clock)
+    policy = SchedulePolicy("fcfs", cache, False, False, False)
+    first_a = run_turn(cache, tokens(1, 20), 4, program_id="A", ttl="60s")  # A: oldest program, pinned
+    clock.t += 1
+    run_turn(cache, tokens(2, 20), 4, program_id="B", ttl="0s")  # B: second, not pinned
+    clock.t += 1
+    queue = []
+    for program, prompt in [(None, tokens(3, 10)), ("C", tokens(4, 10)), ("B", tokens(5, 10)),
+                                          ("A", first_a.context + tokens(6, 5))]:
+        turn = Turn(cache, prompt, 2, hints=make_kv_hints(program) if program else None)
+        turn.arrive()
+        queue.append(turn.req)
+        clock.t += 1
+    order_before = [r.rid for r in queue]
+    policy.calc_priority(queue)
+    names = {r.rid: p for r, p in zip([next(r for r in queue if r.rid == rid) for rid in order_before],
+                                       [None, "C", "B", "A"])}
+    assert [names[r.rid] for r in queue] == ["A", "B", None, "C"]  # pinned first, then program arrival
+
+
+def _tp_rank(rank, world, port, lags, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    clock = FakeClock(1000.0)
+    cache = make_cache(tokens=128, clock=clock, tp_group=dist.group.WORLD)
+    events = []
+    run_turn(cache, tokens(1, 30), 4, program_id="A", ttl="10s")
+    real = 1000.0
+    for i, dt in enumerate((4.0, 4.0, 1.8, 0.5, 3.0)):
+        real += dt
+        clock.t = real + lags[rank][i]  # the same call, reached a little later on a busy rank
+        run_turn(cache, tokens(10 + i, 60), 4)  # from the second on, evicts: that ticks the lease table
+        events.append((cache.num_leases, cache.stats["expired"]))
+    results[rank] = events
+    dist.destroy_process_group()
+
+
+def test_expiry_is_identical_on_every_tp_rank_when_ranks_run_apart():
+    """Two ranks over gloo. Rank 1 reaches one call 0.4 s later than rank 0,
+    right across the deadline (9.8 s vs 10.2 s): with each rank's own clock,
+    rank 1 alone would expire the lease there and the trees would diverge."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    lags = ((0.0,) * 5, (0.0, 0.0, 0.4, 0.0, 0.0))
+    mp.spawn(_tp_rank, args=(2, port, lags, results), nprocs=2, join=True)
+    assert results[0] == results[1], (results[0], results[1])
+    assert results[0][2] == (0, 1)  # both expired it at the call where rank 1 was past the deadline
