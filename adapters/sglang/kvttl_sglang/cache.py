@@ -23,8 +23,9 @@ tensor-parallel rank (SGLang's own contract for its cache):
                      programs, or any lease when nothing runs
 
 Time: every decision reads one clock value per call, agreed across ranks
-(``all_reduce(MAX)`` of each rank's clock, only while leases exist), so each
-rank expires the same leases at the same call.
+(``all_reduce(MAX)`` of each rank's clock; only in calls about hinted requests
+or while leases exist), so deadlines, policy inputs and expiry are the same on
+every rank and each rank expires the same leases at the same call.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ __all__ = ["KvttlRadixCache", "HINT_ACTION_TYPE", "turn_hints", "load_config", "
 
 #: Where the server's kvttl settings come from: a JSON object.
 CONFIG_ENV = "KVTTL_SGLANG_CONFIG"
+
+#: A program not heard of for this long (and holding nothing) is forgotten;
+#: checked every FORGET_EVERY finished turns.
+FORGET_AFTER_S = 3600.0
+FORGET_EVERY = 1024
 
 _DEFAULTS = {"ttl_policy": "continuum", "pinned_share_cap": 0.8, "reload_tokens_per_s": 10_000.0,
              "program_fcfs": True}
@@ -150,6 +156,8 @@ class KvttlRadixCache(UnifiedRadixCache):
         self._table = kvttl.LeaseTable(self._mirror, pinned_share_cap=float(self.kvttl_config["pinned_share_cap"]))
         self._locks: dict[Any, Any] = {}  # owner -> SGLang TreeLock held for its lease
         self._programs: dict[Any, _Program] = {}
+        self._returning: dict[Any, _Program] = {}  # programs whose next turn waits for its lock
+        self._releases = 0
         self._seen: set[str] = set()  # rids of hinted requests already matched once
         self.stats = {"granted": 0, "refused": 0, "hit": 0, "expired": 0, "revoked": 0, "released": 0}
         logger.info("kvttl radix cache: ttl policy %s, pinned-share cap %.2f, %d pages",
@@ -168,15 +176,14 @@ class KvttlRadixCache(UnifiedRadixCache):
 
     def _tick(self) -> float | None:
         """Drop due leases and finish hand-overs; the agreed time, or None when
-        no lease exists (and no clock was read)."""
-        if not self._table.num_leases:
+        there was nothing to do (and no clock was read)."""
+        if not self._table.num_leases and not self._returning:
             return None
         now = self._now()
-        for lease in self._table.expire(now):
+        for lease in self._table.expire(now) if self._table.num_leases else ():
             self._unlock_owner(lease.owner, "expired")
-        for owner, program in list(self._programs.items()):
-            if program.returning is not None:
-                self._try_hand_over(owner, program, now)
+        for owner, program in list(self._returning.items()):
+            self._try_hand_over(owner, program, now)
         return now
 
     # ---- SGLang hooks -----------------------------------------------------------
@@ -200,12 +207,16 @@ class KvttlRadixCache(UnifiedRadixCache):
             return
         owner = hints.program_id
         now = self._tick()
-        now = self._clock() if now is None else now
+        now = self._now() if now is None else now  # deadlines and policy inputs: agreed values only
         program = self._programs.get(owner)
         if program is None:
             program = self._programs[owner] = _Program(_entry_time(req))
         program.returning = None
+        self._returning.pop(owner, None)
         program.turns += 1
+        self._releases += 1
+        if self._releases % FORGET_EVERY == 0:
+            self._forget_idle_programs(now)
         aborted = isinstance(req.finished_reason, FINISH_ABORT)
         if hints.last_turn or aborted:
             self._drop(owner, "released")
@@ -300,7 +311,7 @@ class KvttlRadixCache(UnifiedRadixCache):
     def _on_arrival(self, req, hints: TurnHints, match) -> None:
         owner = hints.program_id
         now = self._tick()
-        now = self._clock() if now is None else now
+        now = self._now() if now is None else now
         program = self._programs.get(owner)
         if program is None:
             self._programs[owner] = _Program(_entry_time(req))
@@ -311,17 +322,26 @@ class KvttlRadixCache(UnifiedRadixCache):
             self.stats["hit"] += 1
             self._table.renew(owner, math.inf, now=now)  # never expires while its turn waits
         program.returning = (req, now, int(match.device_prefix_len))
+        self._returning[owner] = program
 
     def _try_hand_over(self, owner, program: _Program, now: float) -> None:
         req, arrival, matched = program.returning
         if req.lock is not None:  # admitted: it holds its own prefix
             evicted = matched < (program.context - 1) // self._page * self._page
             self._policy.ttl.on_admitted(max(0.0, now - arrival), evicted)
-            program.returning = None
-            self._drop(owner, "released")
-        elif req.finished() and not req.kv.holds_kv:  # gone before it ran
-            program.returning = None
-            self._drop(owner, "released")
+        elif not (req.finished() and not req.kv.holds_kv):  # still waiting (else: gone before it ran)
+            return
+        program.returning = None
+        del self._returning[owner]
+        self._drop(owner, "released")
+
+    def _forget_idle_programs(self, now: float) -> None:
+        """Programs that never sent a last turn: forget those with no lease, no
+        waiting turn and no finish for FORGET_AFTER_S (bounded memory)."""
+        for owner, program in list(self._programs.items()):
+            if owner not in self._table and owner not in self._returning and \
+                    program.finished_at is not None and now - program.finished_at > FORGET_AFTER_S:
+                del self._programs[owner]
 
     def _victims(self, *, limit: int, arrived_after: float | None = None, exclude=None) -> list:
         """Leases to revoke, latest program first (program-level FCFS)."""
@@ -376,5 +396,6 @@ class KvttlRadixCache(UnifiedRadixCache):
             table.release_all()
             self._locks.clear()
             self._programs.clear()
+            self._returning.clear()
             self._seen.clear()
         super().reset()

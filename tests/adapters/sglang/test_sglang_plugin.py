@@ -56,14 +56,14 @@ def _tp_rank(rank, world, port, lags, results):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    clock = FakeClock(1000.0)
+    clock = FakeClock(1000.0 + lags[rank][0])  # the grant, too, is reached at different times
     cache = make_cache(tokens=128, clock=clock, tp_group=dist.group.WORLD)
     events = []
     run_turn(cache, tokens(1, 30), 4, program_id="A", ttl="10s")
     real = 1000.0
     for i, dt in enumerate((4.0, 4.0, 1.8, 0.5, 3.0)):
         real += dt
-        clock.t = real + lags[rank][i]  # the same call, reached a little later on a busy rank
+        clock.t = real + lags[rank][i + 1]  # the same call, reached a little later on a busy rank
         run_turn(cache, tokens(10 + i, 60), 4)  # from the second on, evicts: that ticks the lease table
         events.append((cache.num_leases, cache.stats["expired"]))
     results[rank] = events
@@ -71,8 +71,8 @@ def _tp_rank(rank, world, port, lags, results):
 
 
 def test_expiry_is_identical_on_every_tp_rank_when_ranks_run_apart():
-    """Two ranks over gloo. Rank 1 reaches one call 0.4 s later than rank 0,
-    right across the deadline (9.8 s vs 10.2 s): with each rank's own clock,
+    """Two ranks over gloo. Rank 1 reaches the grant 0.1 s and one later call
+    0.4 s after rank 0, right across the deadline: with each rank's own clock,
     rank 1 alone would expire the lease there and the trees would diverge."""
     import socket
 
@@ -82,7 +82,7 @@ def test_expiry_is_identical_on_every_tp_rank_when_ranks_run_apart():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    lags = ((0.0,) * 5, (0.0, 0.0, 0.4, 0.0, 0.0))
+    lags = ((0.0,) * 6, (0.1, 0.0, 0.0, 0.4, 0.0, 0.0))
     mp.spawn(_tp_rank, args=(2, port, lags, results), nprocs=2, join=True)
     assert results[0] == results[1], (results[0], results[1])
     assert results[0][2] == (0, 1)  # both expired it at the call where rank 1 was past the deadline
