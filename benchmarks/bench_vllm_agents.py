@@ -47,6 +47,8 @@ def run_mode(args) -> dict:
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
             kv_connector_extra_config={"ttl_policy": args.policy})
+        if args.program_fcfs:
+            kw["scheduler_cls"] = "kvttl_vllm.scheduler.KvttlScheduler"
     llm = LLM(model=args.model, skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=4096,
               dtype="bfloat16", gpu_memory_utilization=0.3, num_gpu_blocks_override=args.blocks, **kw)
     engine = llm.llm_engine
@@ -135,6 +137,8 @@ def main(argv=None):
     ap.add_argument("--single-tokens", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--program-fcfs", type=int, choices=[0, 1], default=1,
+                    help="kvttl side: also order vLLM's queue by program (--scheduler-cls); 0: connector only")
     args = ap.parse_args(argv)
     if args.mode:  # a child: one engine, print one JSON line
         print("RESULT " + json.dumps(run_mode(args)), flush=True)

@@ -40,6 +40,7 @@ def tokens(n):
 def engine(tiny_llama):
     llm = LLM(model=tiny_llama, skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=4096,
               dtype="bfloat16", gpu_memory_utilization=0.3, num_gpu_blocks_override=40,
+              disable_log_stats=False,  # vLLM's Prometheus logger: kvttl's metrics are read back from it
               kv_transfer_config=KVTransferConfig(
                   kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
                   kv_connector_extra_config={"ttl_policy": "continuum", "pinned_share_cap": 0.8}))
@@ -148,3 +149,20 @@ def test_an_aborted_turn_releases_and_is_not_pinned(engine):
     while llm.llm_engine.has_unfinished_requests():
         llm.llm_engine.step()
     assert scheduler.connector._table.num_leases == 0 and pool.get_num_free_blocks() == before
+
+
+def test_lease_metrics_reach_vllms_prometheus_registry(engine):
+    llm, scheduler, pool = engine
+    first = tokens(600)
+    out = turn(llm, first, program_id="agent-metrics", tool="bash", ttl="60s")
+    assert out.kv_transfer_params["kvttl"]["lease_granted"]
+    turn(llm, tokens(50))  # one more step reports the change
+    metrics = {m.name: m for m in llm.get_metrics()}
+    granted = metrics["vllm:kvttl_leases_granted"].value
+    assert 1 <= granted <= scheduler.connector.stats["granted"]
+    assert metrics["vllm:kvttl_leases"].value >= 1 and metrics["vllm:kvttl_pinned_blocks"].value >= 4
+    turn(llm, next_prompt(first, out), program_id="agent-metrics", last_turn=True)
+    turn(llm, tokens(50))
+    metrics = {m.name: m for m in llm.get_metrics()}
+    assert metrics["vllm:kvttl_leases_hit"].value >= 1
+    assert metrics["vllm:kvttl_leases_released"].value >= 1

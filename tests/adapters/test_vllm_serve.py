@@ -38,7 +38,8 @@ def server(tiny_llama, tmp_path_factory):
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
          "--port", str(port), "--skip-tokenizer-init", "--enable-prefix-caching", "--max-model-len", "4096",
          "--dtype", "bfloat16", "--gpu-memory-utilization", "0.3", "--num-gpu-blocks-override", "40",
-         "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(CONNECTOR)],
+         "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(CONNECTOR),
+         "--scheduler-cls", "kvttl_vllm.scheduler.KvttlScheduler"],
         env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while True:
@@ -59,6 +60,7 @@ def server(tiny_llama, tmp_path_factory):
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.load(r)
 
+    post.port = port
     yield post
     proc.terminate()
     try:
@@ -90,3 +92,16 @@ def test_garbage_hints_do_not_fail_requests(server):
     out = server({"prompt": [1, 2, 3] * 100, "max_tokens": 4,
                   "kv_transfer_params": {"kvttl": {"program_id": "agent-x", "ttl": "whenever"}}})
     assert out["usage"]["completion_tokens"] == 4
+
+
+def test_lease_metrics_are_served_next_to_vllms(server):
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    assert "vllm:num_requests_running" in text  # vLLM's own, on the same page
+
+    def total(name):
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+
+    assert total("vllm:kvttl_leases_granted_total") >= 1  # agent-7's first turn
+    assert total("vllm:kvttl_leases_hit_total") >= 1  # and its return

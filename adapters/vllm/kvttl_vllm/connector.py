@@ -17,7 +17,8 @@ or flat in ``vllm_xargs`` / ``extra_args``: ``kvttl_program_id``, ``kvttl_tool``
 ``kvttl_last_turn``, ``kvttl_ttl``. Requests without a program id take the
 normal path, which costs one dict lookup.
 
-What the engine calls, all on the scheduler thread:
+What the engine calls, all on the scheduler thread (program-level FCFS for the
+queue is kvttl_vllm.scheduler.KvttlScheduler, a separate flag):
 
 - ``bind_gpu_block_pool``      once: vLLM's BlockPool; kvttl mirrors it for lease bookkeeping
 - ``on_new_request``           a turn arrived: learn the tool's duration; hold its lease while it waits
@@ -25,6 +26,8 @@ What the engine calls, all on the scheduler thread:
 - ``request_finished[_all_groups]``  a turn ended: ask the TTL policy; pin its full blocks
 - ``build_connector_meta``     every step: expire due leases; if a step scheduled nothing, revoke
 - ``has_pending_block_frees``  an allocation failed: revoke leases *before* vLLM preempts
+- ``get_kv_connector_stats``   every step: lease counters and gauges, when they changed, for
+                               vLLM's log line and its Prometheus registry (``build_prom_metrics``)
 
 A lease is one extra vLLM reference (``BlockPool.touch``) on each full block
 of the finished request, so the blocks stay in vLLM's prefix cache; dropping
@@ -49,6 +52,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     SupportsHMA,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+from vllm.v1.metrics.utils import create_metric_per_engine
 from vllm.v1.request import RequestStatus
 
 logger = logging.getLogger("kvttl.vllm")
@@ -58,29 +63,91 @@ __all__ = ["KvttlConnector", "parse_hints"]
 
 #: Consecutive steps that schedule nothing before a lease is given back.
 STALL_STEPS = 4
+#: Programs remembered between turns before the idle ones are forgotten.
+MAX_PROGRAMS = 65536
 
 
 class KvttlConnectorMetadata(KVConnectorMetadata):
     """Nothing crosses to the workers: leases live on the scheduler only."""
 
 
-def parse_hints(kv_transfer_params: dict | None, extra_args: dict | None) -> dict | None:
+#: Lease events, counted; exported as ``vllm:kvttl_leases_<event>_total``.
+LEASE_EVENTS = ("granted", "refused", "hit", "expired", "revoked", "released")
+#: Levels, exported as gauges: live leases and the blocks they pin.
+LEASE_GAUGES = ("leases", "pinned_blocks")
+
+
+class KvttlConnectorStats(KVConnectorStats):
+    """One report: lease-event increments since the previous report, and the
+    latest gauge values. vLLM aggregates reports between log intervals."""
+
+    def reset(self):
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for key in LEASE_EVENTS:
+            if key in other.data:
+                self.data[key] = self.data.get(key, 0) + other.data[key]
+        for key in LEASE_GAUGES:
+            if key in other.data:
+                self.data[key] = other.data[key]
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {f"kvttl_{k}": v for k, v in self.data.items()}
+
+    def is_empty(self) -> bool:
+        return not self.data
+
+
+class KvttlPromMetrics(KVConnectorPromMetrics):
+    """kvttl's counters and gauges next to vLLM's own, one child per engine."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self.counters = {
+            event: create_metric_per_engine(self._counter_cls(
+                name=f"vllm:kvttl_leases_{event}", documentation=f"kvttl leases {event}", labelnames=labelnames),
+                per_engine_labelvalues)
+            for event in LEASE_EVENTS}
+        self.gauges = {
+            name: create_metric_per_engine(self._gauge_cls(
+                name=f"vllm:kvttl_{name}", documentation=f"kvttl: {name.replace('_', ' ')} now",
+                labelnames=labelnames, multiprocess_mode="mostrecent"), per_engine_labelvalues)
+            for name in LEASE_GAUGES}
+
+    def observe(self, transfer_stats_data: dict, engine_idx: int = 0):
+        for event, metric in self.counters.items():
+            if transfer_stats_data.get(event):
+                metric[engine_idx].inc(transfer_stats_data[event])
+        for name, metric in self.gauges.items():
+            if name in transfer_stats_data:
+                metric[engine_idx].set(transfer_stats_data[name])
+
+
+def parse_hints(kv_transfer_params: dict | None, extra_args: dict | None, *, session_id: str | None = None,
+                quiet: bool = False) -> dict | None:
     """The kvttl hints of a request, or None when it has no program id.
-    Bad hints are dropped with a warning: a garbage hint never fails a request."""
+    vLLM's ``session_id``, when a request has one, is the program id unless
+    the hints name another. Bad hints are dropped with a warning (``quiet``:
+    without): a garbage hint never fails a request."""
     nested = (kv_transfer_params or {}).get("kvttl") if isinstance(kv_transfer_params, dict) else None
     extra = extra_args if isinstance(extra_args, dict) else {}
     if nested is None:
         nested = extra.get("kvttl") if isinstance(extra.get("kvttl"), dict) else None
     if nested is None:
         nested = {k[len("kvttl_"):]: v for k, v in extra.items() if k.startswith("kvttl_")}
+    if session_id and isinstance(nested, dict) and nested.get("program_id") is None:
+        nested = {**nested, "program_id": session_id}
     try:
         hints = parse_turn_hints(nested)
     except KvttlError as e:
-        logger.warning("kvttl: ignoring request hints: %s", e)
+        if not quiet:
+            logger.warning("kvttl: ignoring request hints: %s", e)
         return None
     if hints is None:
         return None
-    for problem in hints.warnings:
+    for problem in hints.warnings if not quiet else ():
         logger.warning("kvttl: program %r: %s", hints.program_id, problem)
     return {"program_id": hints.program_id, "tool": hints.tool, "last_turn": hints.last_turn, "ttl_s": hints.ttl_s}
 
@@ -102,7 +169,8 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         self._last_finish: dict[Any, tuple[float, str, int]] = {}  # owner -> (finish time, tool, context tokens)
         self._num_turns: dict[Any, int] = {}
         self._empty_steps = 0
-        self.stats = {"granted": 0, "refused": 0, "hit": 0, "expired": 0, "revoked": 0, "released": 0}
+        self.stats = dict.fromkeys(LEASE_EVENTS, 0)
+        self._reported = dict.fromkeys(LEASE_EVENTS + LEASE_GAUGES, 0)
         logger.info("kvttl connector (%s): ttl policy %s, pinned-share cap %.2f", role.name, self._policy_name, self._cap)
 
     # ---- scheduler side -----------------------------------------------------------
@@ -120,10 +188,13 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
 
     def on_new_request(self, request) -> None:
         hints = parse_hints(request.kv_transfer_params, request.sampling_params.extra_args
-                            if request.sampling_params is not None else None)
+                            if request.sampling_params is not None else None,
+                            session_id=getattr(request, "session_id", None))
         if hints is None:
             return
         hints["arrival"] = time.monotonic()
+        if len(self._last_finish) > MAX_PROGRAMS:  # programs that never sent a last turn
+            self._forget_idle_programs(hints["arrival"])
         self._requests[request.request_id] = hints
         owner = hints["program_id"]
         prev = self._last_finish.get(owner)
@@ -241,11 +312,45 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
             self.stats[why] += 1
             logger.debug("kvttl: lease of %r %s", owner, why)
 
+    def holds_lease(self, program_id) -> bool:
+        """Whether the program's last turn is pinned right now (for the scheduler's order)."""
+        return self._table is not None and program_id in self._table
+
+    def _forget_idle_programs(self, now: float) -> None:
+        """Forget the programs holding no lease, oldest finish first, down to half the bound."""
+        idle = sorted((finished, owner) for owner, (finished, _, _) in self._last_finish.items()
+                      if self._table is None or owner not in self._table)
+        for _, owner in idle[: max(0, len(self._last_finish) - MAX_PROGRAMS // 2)]:
+            del self._last_finish[owner]
+            self._num_turns.pop(owner, None)
+
     def _prefill_estimate(self, num_tokens: int) -> float:
         """Reload(r) without a measured fit: linear at 10k tokens/s. Engines
         that know better pass ``reload_tokens_per_s`` in the extra config."""
         rate = float((self._kv_transfer_config.kv_connector_extra_config or {}).get("reload_tokens_per_s", 10_000))
         return num_tokens / rate
+
+    # ---- metrics: vLLM logs these and exports them to Prometheus ----------------------
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """Called every step on both sides; only the scheduler side has leases.
+        Reports only what changed, so a quiet engine sends nothing."""
+        if self._table is None:
+            return None
+        now = {**self.stats, "leases": self._table.num_leases, "pinned_blocks": self._mirror.num_pinned}
+        if now == self._reported:
+            return None
+        data = {k: now[k] - self._reported[k] for k in LEASE_EVENTS if now[k] != self._reported[k]}
+        data.update({k: now[k] for k in LEASE_GAUGES})
+        self._reported = now
+        return KvttlConnectorStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict | None = None) -> KVConnectorStats | None:
+        return KvttlConnectorStats(data=dict(data)) if data is not None else KvttlConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return KvttlPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self):
         if self._table is not None:
