@@ -111,6 +111,20 @@ def turn_hints(req) -> TurnHints | None:
     return None
 
 
+_UNPARSED = object()
+
+
+def _hints_of(req) -> TurnHints | None:
+    """turn_hints, parsed once per request (a bad hint warns once, not on every
+    scheduling pass): the result rides on the request, so it goes with it."""
+    if req.kv_hints is None:
+        return None
+    hints = getattr(req, "_kvttl_hints", _UNPARSED)
+    if hints is _UNPARSED:
+        hints = req._kvttl_hints = turn_hints(req)
+    return hints
+
+
 def _entry_time(req) -> float:
     """When the request entered SGLang's waiting queue. Each rank stamps it with
     its own clock, but in the same arrival order, so comparisons between these
@@ -130,7 +144,7 @@ class _Program:
         self.tool = ""
         self.context = 0
         self.turns = 0
-        self.returning = None  # (req, arrival) of the turn that came back, until it holds its lock
+        self.returning = None  # (req, arrival, matched tokens) of the turn that came back, until it holds its lock
 
 
 class KvttlRadixCache(UnifiedRadixCache):
@@ -144,7 +158,7 @@ class KvttlRadixCache(UnifiedRadixCache):
 
     def __init__(self, params, *, config: dict | None = None, clock: Callable[[], float] | None = None):
         super().__init__(params)
-        self.kvttl_config = load_config() if config is None else {**_DEFAULTS, **config}
+        self.kvttl_config = load_config(None if config is None else json.dumps(config))
         self._policy = get_policy(str(self.kvttl_config["ttl_policy"]))
         self._rate = float(self.kvttl_config["reload_tokens_per_s"])
         self._clock = clock or time.time
@@ -158,7 +172,6 @@ class KvttlRadixCache(UnifiedRadixCache):
         self._programs: dict[Any, _Program] = {}
         self._returning: dict[Any, _Program] = {}  # programs whose next turn waits for its lock
         self._releases = 0
-        self._seen: set[str] = set()  # rids of hinted requests already matched once
         self.stats = {"granted": 0, "refused": 0, "hit": 0, "expired": 0, "revoked": 0, "released": 0}
         logger.info("kvttl radix cache: ttl policy %s, pinned-share cap %.2f, %d pages",
                     self.kvttl_config["ttl_policy"], self._table.pinned_share_cap, num_pages)
@@ -190,19 +203,18 @@ class KvttlRadixCache(UnifiedRadixCache):
     def match_prefix(self, params):
         result = super().match_prefix(params)
         req = params.req
-        if req is not None and req.kv_hints is not None and req.rid not in self._seen:
-            hints = turn_hints(req)
+        if req is not None and req.kv_hints is not None and not getattr(req, "_kvttl_arrived", False):
+            hints = _hints_of(req)
             if hints is not None:
-                self._seen.add(req.rid)
+                req._kvttl_arrived = True
                 self._on_arrival(req, hints, result)
         return result
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
-        if req.kv_hints is None:
+        if req.kv_hints is None or not req.finished():  # not finished: a retraction, the turn goes on
             return
-        self._seen.discard(req.rid)
-        hints = turn_hints(req)
+        hints = _hints_of(req)
         if hints is None:
             return
         owner = hints.program_id
@@ -278,7 +290,7 @@ class KvttlRadixCache(UnifiedRadixCache):
         """Program-level FCFS, pinned programs first; requests without a
         program are programs of one turn."""
         entry = _entry_time(req)
-        hints = turn_hints(req) if req.kv_hints is not None else None
+        hints = _hints_of(req)
         if hints is None:
             return (1, entry, entry)
         program = self._programs.get(hints.program_id)
@@ -294,7 +306,7 @@ class KvttlRadixCache(UnifiedRadixCache):
             return 0
         head = waiting_queue[0]
         need = len(head.origin_input_ids) + len(head.output_ids) - int(getattr(head, "prefix_len", 0) or 0)
-        hints = turn_hints(head) if head.kv_hints is not None else None
+        hints = _hints_of(head)
         program = self._programs.get(hints.program_id) if hints is not None else None
         head_arrival = program.first_arrival if program is not None else _entry_time(head)
         idle = running_batch is None or running_batch.is_empty()
@@ -397,5 +409,4 @@ class KvttlRadixCache(UnifiedRadixCache):
             self._locks.clear()
             self._programs.clear()
             self._returning.clear()
-            self._seen.clear()
         super().reset()

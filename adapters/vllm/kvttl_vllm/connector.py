@@ -14,8 +14,9 @@ What a request carries, in ``kv_transfer_params`` (OpenAI: the request's
     {"kvttl": {"program_id": "agent-7", "tool": "bash", "last_turn": false, "ttl": "30s"}}
 
 or flat in ``vllm_xargs`` / ``extra_args``: ``kvttl_program_id``, ``kvttl_tool``,
-``kvttl_last_turn``, ``kvttl_ttl``. Requests without a program id take the
-normal path, which costs one dict lookup.
+``kvttl_last_turn``, ``kvttl_ttl``. A request's vLLM ``session_id`` is its
+program id when the hints name none. Requests without a program id take the
+normal path, which costs a few dict lookups.
 
 What the engine calls, all on the scheduler thread (program-level FCFS for the
 queue is kvttl_vllm.scheduler.KvttlScheduler, a separate flag):

@@ -238,3 +238,33 @@ def test_random_agent_traffic_keeps_every_live_lease_and_leaks_nothing(steps):
     cache.release_all_leases()
     assert cache.num_leases == 0
     assert_no_leak(cache)
+
+
+def test_a_retracted_turn_is_not_a_finished_one():
+    """SGLang retracts (preempts) by releasing an unfinished request's KV: that is no turn end."""
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    cache = make_cache(tokens=128)
+    first = run_turn(cache, tokens(1, 30), 4, program_id="A", ttl="60s")
+    back = _return_turn(cache, first, "A", ttl="60s").arrive().admit()
+    release_kv_cache(back.req, cache, checkpoint=False)  # retract: back to the waiting queue
+    assert cache._programs["A"].turns == 1 and cache.stats["granted"] == 1
+    back.req.kv.cache_protected_len = 0
+    back.admit().finish()
+    assert cache._programs["A"].turns == 2 and cache.stats["granted"] == 2
+    cache.release_all_leases()
+    assert_no_leak(cache)
+
+
+def test_a_bad_hint_warns_once_however_often_the_request_is_looked_at(caplog):
+    cache = make_cache(tokens=128)
+    hints = make_kv_hints("A", ttl="eventually")
+    turn = Turn(cache, tokens(1, 30), 4, hints=hints)
+    with caplog.at_level(logging.WARNING, logger="kvttl.sglang"):
+        for _ in range(5):  # every scheduling pass matches and sorts the waiting queue again
+            turn.arrive()
+            cache.queue_key(turn.req)
+        turn.admit().finish()
+    assert caplog.text.count("ttl ignored") == 1
+    cache.release_all_leases()
+    assert_no_leak(cache)
