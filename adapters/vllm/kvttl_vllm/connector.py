@@ -46,7 +46,7 @@ from typing import Any
 
 import kvttl
 from kvttl.errors import KvttlError
-from kvttl.policy import TurnContext, get_policy, parse_turn_hints
+from kvttl.policy import TurnContext, get_policy, parse_turn_hints, tool_from_output
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -66,6 +66,8 @@ __all__ = ["KvttlConnector", "parse_hints"]
 STALL_STEPS = 4
 #: Programs remembered between turns before the idle ones are forgotten.
 MAX_PROGRAMS = 65536
+#: Output tokens read back for the tool name when a turn does not name its tool.
+TOOL_PARSE_TOKENS = 1024
 
 
 class KvttlConnectorMetadata(KVConnectorMetadata):
@@ -162,6 +164,7 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         self._engine_id = str(self._kv_transfer_config.engine_id or "")
         self._policy = get_policy(self._policy_name)  # fails fast on an unknown name
         self._block_size = vllm_config.cache_config.block_size
+        self._tokenizer = None  # loaded on first use, False when there is none
         self._pool = None  # vLLM's BlockPool (scheduler role only)
         self._mirror: kvttl.BlockPool | None = None
         self._table: kvttl.LeaseTable | None = None
@@ -239,6 +242,9 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         context = request.num_computed_tokens
         blocks = [self._pool.blocks[i] for group in block_ids for i in group
                   if self._pool.blocks[i].block_hash is not None and not self._pool.blocks[i].is_null]
+        if not hints["tool"]:  # the client did not say: read it from the output
+            hints["tool"] = self._tool_in_output(request)
+        params["tool"] = hints["tool"]
         now = time.monotonic()
         self._last_finish[owner] = (now, hints["tool"], context)
         evictable = self._pool.get_num_free_blocks()
@@ -312,6 +318,25 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         if why:
             self.stats[why] += 1
             logger.debug("kvttl: lease of %r %s", owner, why)
+
+    def _tool_in_output(self, request) -> str:
+        """The tool the turn's output calls (kvttl.policy.tool_from_output over
+        its last TOOL_PARSE_TOKENS tokens), or "" without a tokenizer."""
+        if self._tokenizer is None:
+            model = self._vllm_config.model_config
+            self._tokenizer = False
+            if not model.skip_tokenizer_init:
+                try:
+                    from transformers import AutoTokenizer
+
+                    self._tokenizer = AutoTokenizer.from_pretrained(
+                        model.tokenizer, revision=model.tokenizer_revision, trust_remote_code=model.trust_remote_code)
+                except Exception as e:  # a tokenizer kvttl cannot load costs tool names, not requests
+                    logger.warning("kvttl: no tokenizer for tool names (%s); pass the tool as a hint", e)
+        if not self._tokenizer:
+            return ""
+        ids = list(request.output_token_ids)[-TOOL_PARSE_TOKENS:]
+        return tool_from_output(self._tokenizer.decode(ids, skip_special_tokens=True))
 
     def holds_lease(self, program_id) -> bool:
         """Whether the program's last turn is pinned right now (for the scheduler's order)."""
