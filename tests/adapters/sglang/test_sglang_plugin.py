@@ -38,18 +38,17 @@ def test_program_fcfs_through_the_real_schedule_policy():
     clock.t += 1
     run_turn(cache, tokens(2, 20), 4, program_id="B", ttl="0s")  # B: second, not pinned
     clock.t += 1
-    queue = []
+    queue, names = [], {}
     for program, prompt in [(None, tokens(3, 10)), ("C", tokens(4, 10)), ("B", tokens(5, 10)),
-                                          ("A", first_a.context + tokens(6, 5))]:
+                            ("A", first_a.context + tokens(6, 5))]:  # queue arrival order
         turn = Turn(cache, prompt, 2, hints=make_kv_hints(program) if program else None)
         turn.arrive()
         queue.append(turn.req)
+        names[turn.req.rid] = program
         clock.t += 1
-    order_before = [r.rid for r in queue]
-    policy.calc_priority(queue)
-    names = {r.rid: p for r, p in zip([next(r for r in queue if r.rid == rid) for rid in order_before],
-                                       [None, "C", "B", "A"])}
+    policy.calc_priority(queue)  # SGLang's method, with kvttl's hook applied
     assert [names[r.rid] for r in queue] == ["A", "B", None, "C"]  # pinned first, then program arrival
+    assert cache.release_all_leases() == 1 and cache.protected_size() == 0
 
 
 def _tp_rank(rank, world, port, lags, results):
