@@ -19,8 +19,9 @@ tensor-parallel rank (SGLang's own contract for its cache):
                      first) and evict again: a pin never makes SGLang retract
                      a running request
 - ``relieve_pressure`` (from the scheduling hook, see ``plugin.py``) the head
-                     of the waiting queue does not fit: revoke leases of later
-                     programs, or any lease when nothing runs
+                     of the waiting queue does not fit: drop due leases, then
+                     revoke leases of later programs, or any lease when nothing
+                     runs; a pass where the head fits reads no clock
 
 Time: every decision reads one clock value per call, agreed across ranks
 (``all_reduce(MAX)`` of each rank's clock; only in calls about hinted requests
@@ -136,7 +137,7 @@ class _Program:
     """What kvttl remembers of one program between its turns. ``first_arrival``
     is the queue-entry stamp of its first turn: the program-FCFS key."""
 
-    __slots__ = ("first_arrival", "finished_at", "tool", "context", "turns", "returning")
+    __slots__ = ("first_arrival", "finished_at", "tool", "context", "turns")
 
     def __init__(self, first_arrival: float):
         self.first_arrival = first_arrival
@@ -144,7 +145,6 @@ class _Program:
         self.tool = ""
         self.context = 0
         self.turns = 0
-        self.returning = None  # (req, arrival, matched tokens) of the turn that came back, until it holds its lock
 
 
 class KvttlRadixCache(UnifiedRadixCache):
@@ -170,7 +170,8 @@ class KvttlRadixCache(UnifiedRadixCache):
         self._table = kvttl.LeaseTable(self._mirror, pinned_share_cap=float(self.kvttl_config["pinned_share_cap"]))
         self._locks: dict[Any, Any] = {}  # owner -> SGLang TreeLock held for its lease
         self._programs: dict[Any, _Program] = {}
-        self._returning: dict[Any, _Program] = {}  # programs whose next turn waits for its lock
+        # owner -> (req, arrival, matched tokens) of a turn that came back, until it holds its lock
+        self._returning: dict[Any, tuple] = {}
         self._releases = 0
         self.stats = {"granted": 0, "refused": 0, "hit": 0, "expired": 0, "revoked": 0, "released": 0}
         logger.info("kvttl radix cache: ttl policy %s, pinned-share cap %.2f, %d pages",
@@ -195,8 +196,8 @@ class KvttlRadixCache(UnifiedRadixCache):
         now = self._now()
         for lease in self._table.expire(now) if self._table.num_leases else ():
             self._unlock_owner(lease.owner, "expired")
-        for owner, program in list(self._returning.items()):
-            self._try_hand_over(owner, program, now)
+        for owner, returning in list(self._returning.items()):
+            self._try_hand_over(owner, returning, now)
         return now
 
     # ---- SGLang hooks -----------------------------------------------------------
@@ -223,7 +224,6 @@ class KvttlRadixCache(UnifiedRadixCache):
         program = self._programs.get(owner)
         if program is None:
             program = self._programs[owner] = _Program(_entry_time(req))
-        program.returning = None
         self._returning.pop(owner, None)
         program.turns += 1
         self._releases += 1
@@ -301,11 +301,13 @@ class KvttlRadixCache(UnifiedRadixCache):
         """Revoke leases while the head of the queue cannot fit: only leases
         of programs that arrived after the head's, unless nothing runs (then
         any lease may go: pins never stop the engine). Returns leases revoked."""
-        self._tick()
         if not waiting_queue or not self._table.num_leases:
             return 0
         head = waiting_queue[0]
         need = len(head.origin_input_ids) + len(head.output_ids) - int(getattr(head, "prefix_len", 0) or 0)
+        if self.token_to_kv_pool_allocator.available_size() + self.evictable_size() >= need:
+            return 0  # it fits: no clock reading (a collective under TP) on this scheduling pass
+        self._tick()  # due leases first: they may be enough
         hints = _hints_of(head)
         program = self._programs.get(hints.program_id) if hints is not None else None
         head_arrival = program.first_arrival if program is not None else _entry_time(head)
@@ -333,17 +335,16 @@ class KvttlRadixCache(UnifiedRadixCache):
         if owner in self._table:
             self.stats["hit"] += 1
             self._table.renew(owner, math.inf, now=now)  # never expires while its turn waits
-        program.returning = (req, now, int(match.device_prefix_len))
-        self._returning[owner] = program
+        self._returning[owner] = (req, now, int(match.device_prefix_len))
 
-    def _try_hand_over(self, owner, program: _Program, now: float) -> None:
-        req, arrival, matched = program.returning
+    def _try_hand_over(self, owner, returning: tuple, now: float) -> None:
+        req, arrival, matched = returning
         if req.lock is not None:  # admitted: it holds its own prefix
-            evicted = matched < (program.context - 1) // self._page * self._page
+            context = self._programs[owner].context  # a returning program is never forgotten
+            evicted = matched < (context - 1) // self._page * self._page
             self._policy.ttl.on_admitted(max(0.0, now - arrival), evicted)
         elif not (req.finished() and not req.kv.holds_kv):  # still waiting (else: gone before it ran)
             return
-        program.returning = None
         del self._returning[owner]
         self._drop(owner, "released")
 

@@ -59,7 +59,7 @@ from vllm.v1.request import RequestStatus
 
 logger = logging.getLogger("kvttl.vllm")
 
-__all__ = ["KvttlConnector", "parse_hints"]
+__all__ = ["KvttlConnector", "parse_hints", "request_hints"]
 
 
 #: Consecutive steps that schedule nothing before a lease is given back.
@@ -128,12 +128,27 @@ class KvttlPromMetrics(KVConnectorPromMetrics):
                 metric[engine_idx].set(transfer_stats_data[name])
 
 
-def parse_hints(kv_transfer_params: dict | None, extra_args: dict | None, *, session_id: str | None = None,
-                quiet: bool = False) -> dict | None:
+_UNPARSED = object()
+
+
+def request_hints(request) -> dict | None:
+    """parse_hints for a vLLM Request, once: the result rides on the request,
+    so the scheduler's queue and the connector share one parse (and one warning)."""
+    hints = getattr(request, "_kvttl_hints", _UNPARSED)
+    if hints is _UNPARSED:
+        params = request.sampling_params
+        hints = request._kvttl_hints = parse_hints(
+            request.kv_transfer_params, params.extra_args if params is not None else None,
+            session_id=getattr(request, "session_id", None))
+    return hints
+
+
+def parse_hints(kv_transfer_params: dict | None, extra_args: dict | None, *,
+                session_id: str | None = None) -> dict | None:
     """The kvttl hints of a request, or None when it has no program id.
     vLLM's ``session_id``, when a request has one, is the program id unless
-    the hints name another. Bad hints are dropped with a warning (``quiet``:
-    without): a garbage hint never fails a request."""
+    the hints name another. Bad hints are dropped with a warning: a garbage
+    hint never fails a request."""
     nested = (kv_transfer_params or {}).get("kvttl") if isinstance(kv_transfer_params, dict) else None
     extra = extra_args if isinstance(extra_args, dict) else {}
     if nested is None:
@@ -145,12 +160,11 @@ def parse_hints(kv_transfer_params: dict | None, extra_args: dict | None, *, ses
     try:
         hints = parse_turn_hints(nested)
     except KvttlError as e:
-        if not quiet:
-            logger.warning("kvttl: ignoring request hints: %s", e)
+        logger.warning("kvttl: ignoring request hints: %s", e)
         return None
     if hints is None:
         return None
-    for problem in hints.warnings if not quiet else ():
+    for problem in hints.warnings:
         logger.warning("kvttl: program %r: %s", hints.program_id, problem)
     return {"program_id": hints.program_id, "tool": hints.tool, "last_turn": hints.last_turn, "ttl_s": hints.ttl_s}
 
@@ -191,11 +205,10 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         return 0, False
 
     def on_new_request(self, request) -> None:
-        hints = parse_hints(request.kv_transfer_params, request.sampling_params.extra_args
-                            if request.sampling_params is not None else None,
-                            session_id=getattr(request, "session_id", None))
+        hints = request_hints(request)
         if hints is None:
             return
+        hints = dict(hints)  # the connector's per-request state from here on
         hints["arrival"] = time.monotonic()
         if len(self._last_finish) > MAX_PROGRAMS:  # programs that never sent a last turn
             self._forget_idle_programs(hints["arrival"])

@@ -25,7 +25,7 @@ from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from kvttl_vllm.connector import KvttlConnector, parse_hints
+from kvttl_vllm.connector import KvttlConnector, request_hints
 
 __all__ = ["KvttlScheduler", "ProgramFCFSQueue"]
 
@@ -102,9 +102,7 @@ class KvttlScheduler(Scheduler):
 
     def program_key(self, request: Request) -> tuple:
         """(0 if the program holds a pin else 1, program's first arrival, arrival)."""
-        hints = parse_hints(request.kv_transfer_params, request.sampling_params.extra_args
-                            if request.sampling_params is not None else None,
-                            session_id=getattr(request, "session_id", None), quiet=True)
+        hints = request_hints(request)
         if hints is None:
             return (1, request.arrival_time, request.arrival_time)
         program = hints["program_id"]
