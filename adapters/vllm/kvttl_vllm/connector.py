@@ -30,6 +30,17 @@ queue is kvttl_vllm.scheduler.KvttlScheduler, a separate flag):
 - ``get_kv_connector_stats``   every step: lease counters and gauges, when they changed, for
                                vLLM's log line and its Prometheus registry (``build_prom_metrics``)
 
+With a host tier (``host_tier_gib`` or ``host_tier_blocks`` in the extra
+config), a lease that expires or is revoked is copied to host memory before
+its blocks become evictable, and a returning turn whose prefix was evicted
+from the device reloads it instead of re-prefilling (kvttl_vllm.host):
+
+- ``get_num_new_matched_tokens``  the turn's prefix beyond vLLM's own hit that the host holds
+- ``update_state_after_alloc``   where those blocks go on the device
+- ``build_connector_meta``       the step's copies, to the workers
+- ``start_load_kv``              (worker) runs them: offloads, then reloads, before the forward
+- ``update_connector_output``    the workers copied a batch out: its device blocks may go
+
 A lease is one extra vLLM reference (``BlockPool.touch``) on each full block
 of the finished request, so the blocks stay in vLLM's prefix cache; dropping
 it is ``BlockPool.free_blocks``. kvttl's LeaseTable keeps the deadlines, the
@@ -45,8 +56,17 @@ import time
 from typing import Any
 
 import kvttl
-from kvttl.errors import KvttlError
+from kvttl.errors import BadArgumentError, KvttlError
 from kvttl.policy import TurnContext, get_policy, parse_turn_hints, tool_from_output
+from kvttl.policy.registry import OFFLOAD_MODES
+from kvttl_vllm.host import (
+    HostCopier,
+    HostIndex,
+    KvttlConnectorMetadata,
+    KvttlWorkerMeta,
+    block_bytes,
+    host_slots_from_config,
+)
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -54,6 +74,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+from vllm.v1.core.kv_cache_utils import get_block_hash
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm.v1.metrics.utils import create_metric_per_engine
 from vllm.v1.request import RequestStatus
 
@@ -70,14 +92,13 @@ MAX_PROGRAMS = 65536
 TOOL_PARSE_TOKENS = 1024
 
 
-class KvttlConnectorMetadata(KVConnectorMetadata):
-    """Nothing crosses to the workers: leases live on the scheduler only."""
-
-
 #: Lease events, counted; exported as ``vllm:kvttl_leases_<event>_total``.
 LEASE_EVENTS = ("granted", "refused", "hit", "expired", "revoked", "released")
-#: Levels, exported as gauges: live leases and the blocks they pin.
-LEASE_GAUGES = ("leases", "pinned_blocks")
+#: Host-tier traffic (per worker), counted; exported as ``vllm:kvttl_<name>_total``.
+BYTE_COUNTERS = ("offloaded_bytes", "reloaded_bytes")
+COUNTERS = LEASE_EVENTS + BYTE_COUNTERS
+#: Levels, exported as gauges: live leases, the blocks they pin, host slots in use.
+LEASE_GAUGES = ("leases", "pinned_blocks", "host_blocks")
 
 
 class KvttlConnectorStats(KVConnectorStats):
@@ -88,7 +109,7 @@ class KvttlConnectorStats(KVConnectorStats):
         self.data = {}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        for key in LEASE_EVENTS:
+        for key in COUNTERS:
             if key in other.data:
                 self.data[key] = self.data.get(key, 0) + other.data[key]
         for key in LEASE_GAUGES:
@@ -113,6 +134,11 @@ class KvttlPromMetrics(KVConnectorPromMetrics):
                 name=f"vllm:kvttl_leases_{event}", documentation=f"kvttl leases {event}", labelnames=labelnames),
                 per_engine_labelvalues)
             for event in LEASE_EVENTS}
+        self.counters.update({
+            name: create_metric_per_engine(self._counter_cls(
+                name=f"vllm:kvttl_{name}", documentation=f"kvttl host tier: {name.replace('_', ' ')}",
+                labelnames=labelnames), per_engine_labelvalues)
+            for name in BYTE_COUNTERS})
         self.gauges = {
             name: create_metric_per_engine(self._gauge_cls(
                 name=f"vllm:kvttl_{name}", documentation=f"kvttl: {name.replace('_', ' ')} now",
@@ -170,6 +196,8 @@ def parse_hints(kv_transfer_params: dict | None, extra_args: dict | None, *,
 
 
 class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
+    _cache_hit_source = CacheHitSource.HOST  # the only external hits are host-tier reloads
+
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
@@ -178,6 +206,7 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         self._engine_id = str(self._kv_transfer_config.engine_id or "")
         self._policy = get_policy(self._policy_name)  # fails fast on an unknown name
         self._block_size = vllm_config.cache_config.block_size
+        self._init_host_tier(extra, role, kv_cache_config)
         self._tokenizer = None  # loaded on first use, False when there is none
         self._pool = None  # vLLM's BlockPool (scheduler role only)
         self._mirror: kvttl.BlockPool | None = None
@@ -187,9 +216,38 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         self._last_finish: dict[Any, tuple[float, str, int]] = {}  # owner -> (finish time, tool, context tokens)
         self._num_turns: dict[Any, int] = {}
         self._empty_steps = 0
-        self.stats = dict.fromkeys(LEASE_EVENTS, 0)
-        self._reported = dict.fromkeys(LEASE_EVENTS + LEASE_GAUGES, 0)
-        logger.info("kvttl connector (%s): ttl policy %s, pinned-share cap %.2f", role.name, self._policy_name, self._cap)
+        self.stats = dict.fromkeys(COUNTERS, 0)
+        self._reported = dict.fromkeys(COUNTERS + LEASE_GAUGES, 0)
+        logger.info("kvttl connector (%s): ttl policy %s, pinned-share cap %.2f, host tier %d blocks (offload %s)",
+                    role.name, self._policy_name, self._cap, self._host_slots, self._offload_mode)
+
+    def _init_host_tier(self, extra: dict, role: KVConnectorRole, kv_cache_config) -> None:
+        self._host_slots = host_slots_from_config(extra, kv_cache_config)
+        mode = extra.get("offload")
+        if mode is None:  # the policy's, or on_unpin: a configured host tier is meant to be used
+            mode = self._policy.offload if self._policy.offload != "none" else "on_unpin"
+        if mode not in OFFLOAD_MODES:
+            raise BadArgumentError(f"kvttl: offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
+        if self._host_slots and kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) != 1:
+            logger.warning("kvttl: the host tier supports models with one KV cache group; this one has %d: "
+                           "leases drop instead of offloading", len(kv_cache_config.kv_cache_groups))
+            self._host_slots = 0
+        self._offload_mode = mode if self._host_slots else "none"
+        self._block_bytes = block_bytes(kv_cache_config) if kv_cache_config is not None else 0
+        self._num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else 0
+        # scheduler side
+        self._host = HostIndex(self._host_slots) if self._host_slots and role == KVConnectorRole.SCHEDULER else None
+        self._hold: list = []  # vLLM blocks this step copies out, referenced until the workers are done
+        self._in_flight: dict[int, tuple[list, list[int]]] = {}  # batch -> (held blocks, host slots)
+        self._batch = 0
+        # worker side
+        self._copier: HostCopier | None = None
+        self._done: set[int] = set()
+        self._failed: set[int] = set()
+        self._load_errors: set[int] = set()
+        if self._host and self._kv_transfer_config.kv_load_failure_policy == "fail":
+            logger.info("kvttl: a failed host reload fails its request (kv_load_failure_policy=fail); "
+                        "set kv_load_failure_policy=recompute to recompute it instead")
 
     # ---- scheduler side -----------------------------------------------------------
     def bind_gpu_block_pool(self, gpu_block_pool) -> None:
@@ -202,7 +260,22 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         self._table = kvttl.LeaseTable(self._mirror, pinned_share_cap=self._cap)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
-        return 0, False
+        """The blocks of the turn's prompt past vLLM's own hit (``num_computed_tokens``,
+        block-aligned) that the host tier holds, loaded synchronously in the
+        turn's first step. Never the block holding the last prompt token."""
+        hints = self._requests.get(request.request_id)
+        if hints is None:
+            return 0, False
+        hints["local_hit"] = num_computed_tokens
+        if self._host is None:
+            return 0, False
+        self._host.release(hints.pop("host_slots", None))  # an earlier try that did not fit
+        start, stop = num_computed_tokens // self._block_size, (request.num_tokens - 1) // self._block_size
+        slots = self._host.match(request.block_hashes[start:stop]) if stop > start else []
+        if not slots:
+            return 0, False
+        hints["host_slots"] = slots
+        return len(slots) * self._block_size, False
 
     def on_new_request(self, request) -> None:
         hints = request_hints(request)
@@ -224,14 +297,25 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         hints = self._requests.get(request.request_id)
-        if hints is None or hints.get("admitted"):
+        if hints is None:
+            return
+        slots = hints.pop("host_slots", None)
+        if slots:
+            n = num_external_tokens // self._block_size
+            start = hints["local_hit"] // self._block_size
+            self._host.reload(slots[:n], blocks.get_block_ids()[0][start:start + n])
+            self._host.release(slots[n:])
+            self.stats["reloaded_bytes"] += n * self._block_bytes
+        if hints.get("admitted"):
             return
         hints["admitted"] = True
         owner = hints["program_id"]
         prev = self._last_finish.get(owner)
         if prev is not None:
             context = prev[2]
-            evicted = request.num_computed_tokens < (context - 1) // self._block_size * self._block_size
+            # (vLLM sets request.num_computed_tokens only after this call)
+            hit = hints.get("local_hit", request.num_computed_tokens) + num_external_tokens
+            evicted = hit < (context - 1) // self._block_size * self._block_size
             self._policy.ttl.on_admitted(time.monotonic() - hints["arrival"], evicted)
         # The turn holds references on its prefix now: the old lease can go.
         self._drop(owner, "released")
@@ -243,6 +327,8 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         hints = self._requests.pop(request.request_id, None)
         if hints is None or self._table is None:
             return False, None
+        if self._host is not None:
+            self._host.release(hints.pop("host_slots", None))  # aborted before its blocks came
         owner = hints["program_id"]
         self._num_turns[owner] = self._num_turns.get(owner, 0) + 1
         params: dict[str, Any] = {"lease_granted": False, "engine_id": self._engine_id}
@@ -265,6 +351,7 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
                            prefill_s=self._prefill_estimate(context), hint_ttl_s=hints["ttl_s"],
                            free_fraction=evictable / self._pool.num_gpu_blocks)
         ttl = self._policy.ttl.ttl(turn)
+        granted = False
         if ttl > 0 and blocks:
             grant = self._table.grant(owner, [b.block_id for b in blocks], ttl, tool=hints["tool"],
                                       num_tokens=context, now=now)
@@ -277,14 +364,46 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
                 if replaced:
                     self._pool.free_blocks(replaced[::-1])
                 self.stats["granted"] += 1
+                granted = True
                 params.update(lease_granted=True, lease_id=grant.lease_id, ttl_s=ttl,
                               expires_in_s=ttl, num_blocks=len(blocks))
             else:
                 self.stats["refused"] += 1
                 logger.debug("kvttl: lease for %r refused: %s", owner, grant.reason)
+        if blocks and self._offload_at_finish(turn, granted):
+            self._pool.touch(blocks)  # vLLM frees its references now; these go once the copy is done
+            self._offload(blocks)
         return False, {"kvttl": params}
 
+    def _offload_at_finish(self, turn: TurnContext, granted: bool) -> bool:
+        mode = self._offload_mode
+        if mode == "none":
+            return False
+        per_turn = getattr(self._policy.ttl, "offload", None)  # InferCept's swap choice
+        return mode == "on_finish" or (mode == "on_unpin" and not granted) or bool(per_turn and per_turn(turn))
+
+    def _offload(self, blocks: list) -> None:
+        """Queues the host copy of blocks this connector holds a reference on,
+        and keeps the reference until the workers report the copy; blocks the
+        host already holds (or that do not fit) are freed at once."""
+        n = self._host.offload([b.block_id for b in blocks], [get_block_hash(b.block_hash) for b in blocks])
+        if n:
+            self._hold.extend(blocks[::-1])
+        else:
+            self._pool.free_blocks(blocks[::-1])
+
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        meta = self._expire_and_unstall(scheduler_output)
+        if self._host is not None:
+            meta.offloads, meta.reloads = self._host.take()
+            if self._hold:
+                self._batch += 1
+                meta.batch = self._batch
+                self._in_flight[self._batch] = (self._hold, [slot for _, slot in meta.offloads])
+                self._hold = []
+        return meta
+
+    def _expire_and_unstall(self, scheduler_output) -> KvttlConnectorMetadata:
         if self._table is not None and self._table.num_leases:
             for lease in self._table.expire():
                 self._free(lease.owner, "expired")
@@ -294,7 +413,7 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
             # fit never reaches has_pending_block_frees). One empty step alone
             # is no stall: with async scheduling it happens while outputs are
             # in flight.
-            if getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0:
+            if getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0 and not self._in_flight:
                 self._empty_steps += 1
                 if self._empty_steps >= STALL_STEPS:
                     self._revoke(1)
@@ -303,9 +422,26 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
                 self._empty_steps = 0
         return KvttlConnectorMetadata()
 
+    def update_connector_output(self, connector_output) -> None:
+        """The workers finished copying batches out: their device blocks may go."""
+        meta = connector_output.kv_connector_worker_meta
+        if not isinstance(meta, KvttlWorkerMeta):
+            return
+        for batch in meta.done | meta.failed:
+            blocks, slots = self._in_flight.pop(batch, ([], []))
+            if blocks:
+                self._pool.free_blocks(blocks)
+            if batch in meta.failed:
+                self._host.forget(slots)
+            else:
+                self.stats["offloaded_bytes"] += len(slots) * self._block_bytes
+
     def has_pending_block_frees(self) -> bool:
         """vLLM asks this when an allocation failed, before preempting: revoke
-        a lease and let the scheduler retry next step instead."""
+        a lease and let the scheduler retry next step instead. Blocks being
+        copied to the host are pending frees already: no further revocation."""
+        if self._hold or self._in_flight:
+            return True
         return self._revoke(1) > 0
 
     def _revoke(self, num_leases: int) -> int:
@@ -325,9 +461,14 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
             self._free(owner, why)
 
     def _free(self, owner, why: str | None) -> None:
+        """Drops the owner's lease references; an expired or revoked lease is
+        copied to the host tier first when the policy offloads on unpin."""
         blocks = self._leased.pop(owner, None)
         if blocks:
-            self._pool.free_blocks(blocks[::-1])
+            if why in ("expired", "revoked") and self._offload_mode in ("on_unpin", "on_finish"):
+                self._offload(blocks)
+            else:
+                self._pool.free_blocks(blocks[::-1])
         if why:
             self.stats[why] += 1
             logger.debug("kvttl: lease of %r %s", owner, why)
@@ -375,10 +516,11 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         Reports only what changed, so a quiet engine sends nothing."""
         if self._table is None:
             return None
-        now = {**self.stats, "leases": self._table.num_leases, "pinned_blocks": self._mirror.num_pinned}
+        now = {**self.stats, "leases": self._table.num_leases, "pinned_blocks": self._mirror.num_pinned,
+               "host_blocks": self._host.num_filled if self._host is not None else 0}
         if now == self._reported:
             return None
-        data = {k: now[k] - self._reported[k] for k in LEASE_EVENTS if now[k] != self._reported[k]}
+        data = {k: now[k] - self._reported[k] for k in COUNTERS if now[k] != self._reported[k]}
         data.update({k: now[k] for k in LEASE_GAUGES})
         self._reported = now
         return KvttlConnectorStats(data=data)
@@ -396,10 +538,51 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
             for owner in list(self._leased):
                 self._table.release(owner)
                 self._free(owner, "released")
+        for blocks, _ in self._in_flight.values():
+            self._pool.free_blocks(blocks)
+        self._in_flight.clear()
+        if self._hold:
+            self._pool.free_blocks(self._hold)
+            self._hold = []
 
-    # ---- worker side: nothing moves -----------------------------------------------
+    # ---- worker side: host-tier copies -------------------------------------------
+    def register_kv_caches(self, kv_caches: dict) -> None:
+        if not self._host_slots:
+            return
+        try:
+            self._copier = HostCopier(kv_caches, self._host_slots, self._num_blocks)
+        except Exception as e:  # no host tier here: every copy reports failure, the engine runs on
+            logger.error("kvttl: no host tier on this worker: %s", e)
+
     def start_load_kv(self, forward_context, **kwargs) -> None:
-        pass
+        """This step's copies: offloads (from blocks the scheduler still
+        holds), then reloads (into blocks of turns scheduled this step, which
+        vLLM runs before the forward pass)."""
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvttlConnectorMetadata):
+            return
+        if meta.offloads:
+            ok = self._copier is not None and self._copier.offload(meta.offloads)
+            if meta.batch is not None:
+                (self._done if ok else self._failed).add(meta.batch)
+        if meta.reloads:
+            if self._copier is None:
+                self._load_errors.update(b for _, b in meta.reloads)
+            else:
+                self._load_errors |= self._copier.reload(meta.reloads)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def build_connector_worker_meta(self):
+        if not (self._done or self._failed):
+            return None
+        meta = KvttlWorkerMeta(done=self._done, failed=self._failed)
+        self._done, self._failed = set(), set()
+        return meta
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         pass
