@@ -311,3 +311,36 @@ def test_host_tier_size_in_gib_counts_one_block_of_every_layer():
 
     assert host_slots_from_config({"host_tier_gib": 1}, Config()) == 2**30 // 65536
     assert host_slots_from_config({}, Config()) == 0
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["offload", "match", "forget"]), st.integers(0, 5), st.integers(1, 6)),
+                max_size=40))
+def test_host_index_never_returns_other_content_and_leaks_no_reference(ops):
+    """Random traffic over six contexts and a 10-slot tier: every matched slot
+    holds exactly the hash asked for, matches are prefixes, and once every
+    step's copies are taken nothing stays referenced."""
+    host = HostIndex(10)
+    contexts = [chain(bytes([65 + c]), 6) for c in range(6)]
+    written: dict[int, bytes] = {}  # what the worker would have copied into each slot
+    for op, c, n in ops:
+        hashes = contexts[c][:n]
+        if op == "offload":
+            host.offload(list(range(100 * c, 100 * c + n)), hashes)
+            for block, slot in host.take()[0]:
+                written[slot] = contexts[block // 100][block % 100]
+        elif op == "match":
+            slots = host.match(hashes)
+            assert [written[s] for s in slots] == hashes[:len(slots)]
+            host.release(slots)
+        else:
+            slots = host.match(hashes)
+            host.release(slots)
+            host.forget(slots)
+            assert host.match(hashes[:1]) == [] or not slots
+        assert host.pool.num_referenced == 0
+        host.pool.check_invariants()
