@@ -113,8 +113,9 @@ def test_an_expired_lease_goes_to_the_host_and_the_next_turn_reloads_it_bit_exac
 
 
 def test_a_revoked_lease_goes_to_the_host_too(engine):
-    """Four pinned programs do not fit: the connector revokes leases under
-    pressure, and each revoked context is copied out, not lost."""
+    """Four pinned programs do not fit: the pinned-share cap refuses two
+    (copied out at once, as turns that are not pinned) and the pressure
+    revokes leases; every context is copied out, not lost."""
     llm, connector, pool = engine
     revoked = connector.stats["revoked"]
     firsts = [tokens(2000) for _ in range(4)]
@@ -165,7 +166,7 @@ def test_a_lease_revoked_mid_schedule_is_copied_before_its_blocks_are_reused(eng
 
 def test_a_failed_copy_out_is_never_reloaded(engine, monkeypatch):
     """A copy that fails on the worker loses the host copy, not the request:
-    the next turn re-prefills and answers exactly as vLLM does."""
+    the next turn re-prefills and gives the tokens vLLM gives."""
     llm, connector, pool = engine
     first = tokens(2000)
     out, second, expected = reference(llm, first)
