@@ -465,7 +465,7 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         copied to the host tier first when the policy offloads on unpin."""
         blocks = self._leased.pop(owner, None)
         if blocks:
-            if why in ("expired", "revoked") and self._offload_mode in ("on_unpin", "on_finish"):
+            if why in ("expired", "revoked") and self._offload_mode != "none":
                 self._offload(blocks)
             else:
                 self._pool.free_blocks(blocks[::-1])

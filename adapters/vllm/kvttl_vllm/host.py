@@ -45,8 +45,9 @@ class KvttlConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class KvttlWorkerMeta(KVConnectorWorkerMetadata):
-    """Offload batches a worker finished, and those that failed. Across
-    tensor-parallel workers a batch is done only where every worker did it."""
+    """Offload batches a worker finished, and those that failed. Every
+    tensor-parallel worker runs every batch; merged, a batch that any worker
+    failed counts as failed."""
 
     done: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)
@@ -106,10 +107,6 @@ class HostIndex:
         self._offloads: list[tuple[int, int]] = []
         self._reloads: list[tuple[int, int]] = []
         self._held: list[list[int]] = []  # slot references to drop once the metadata is built
-
-    @property
-    def num_slots(self) -> int:
-        return self.pool.capacity
 
     def _verified(self, slots, hashes) -> list[int]:
         slots = [int(s) for s in slots]
