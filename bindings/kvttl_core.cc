@@ -17,10 +17,10 @@
 #include "kvttl/block_pool.h"
 #include "kvttl/lease_table.h"
 #include "kvttl/swap.h"
+#include "kvttl/swap_engine.h"
 
 #ifdef KVTTL_WITH_CUDA
-#include "cuda_probe.h"
-#include "swap_cuda.h"
+#include "kvttl/cuda_probe.h"
 #endif
 
 namespace nb = nanobind;
@@ -311,45 +311,6 @@ kvttl::RevokeOrder parse_order(const std::string& name) {
 
 // ---- swap ---------------------------------------------------------------------
 
-// Host memory for a host tier: page-aligned ordinary memory, or mapped pinned
-// memory (cudaHostAlloc) that the CUDA backend's kernels address directly.
-class HostBuffer {
- public:
-  HostBuffer(int64_t num_bytes, bool pinned) : num_bytes_(num_bytes), pinned_(pinned) {
-    KVTTL_CHECK(num_bytes > 0, BadArgument, "host tier: size must be > 0 bytes, got ", num_bytes);
-    if (pinned) {
-#ifdef KVTTL_WITH_CUDA
-      data_ = static_cast<uint8_t*>(kvttl::cuda::host_alloc_pinned(static_cast<size_t>(num_bytes)));
-#else
-      throw BadArgument("host tier: pinned memory needs a CUDA build of kvttl (this one was built without CUDA)");
-#endif
-    } else {
-      const size_t rounded = (static_cast<size_t>(num_bytes) + 4095) / 4096 * 4096;
-      data_ = static_cast<uint8_t*>(std::aligned_alloc(4096, rounded));
-      KVTTL_CHECK(data_ != nullptr, kvttl::OutOfBlocks, "host tier: could not allocate ", num_bytes, " bytes");
-    }
-  }
-  ~HostBuffer() {
-#ifdef KVTTL_WITH_CUDA
-    if (pinned_) {
-      kvttl::cuda::host_free_pinned(data_);
-      return;
-    }
-#endif
-    std::free(data_);
-  }
-  HostBuffer(const HostBuffer&) = delete;
-  HostBuffer& operator=(const HostBuffer&) = delete;
-  uint8_t* data() const { return data_; }
-  int64_t num_bytes() const { return num_bytes_; }
-  bool pinned() const { return pinned_; }
-
- private:
-  uint8_t* data_ = nullptr;
-  int64_t num_bytes_;
-  bool pinned_;
-};
-
 kvttl::swap::LayerView parse_layer(nb::handle obj, size_t index, int want_device, int* device_id) {
   nb::ndarray<> arr;
   KVTTL_CHECK(nb::try_cast(obj, arr, false), BadArgument, "swap: layer ", index, " is a ", type_name(obj.ptr()),
@@ -380,93 +341,56 @@ kvttl::swap::LayerView parse_layer(nb::handle obj, size_t index, int want_device
   return v;
 }
 
-// Validates and dispatches transfers to the CPU queue or the CUDA backend.
-class SwapEngine {
- public:
-  SwapEngine(nb::list layers, HostBuffer& host, int64_t num_slots, const std::string& backend, int max_ctas)
-      : layers_(layers), cuda_(backend == "cuda") {
+// kvttl::swap::SwapEngine with the Python objects its layer views point into.
+// Members are destroyed in reverse order: the engine drains its queue before
+// the tensors can go. `layers` is the bindings' own list, not the caller's,
+// so clearing the caller's list frees nothing the engine reads.
+struct PySwapEngine {
+  nb::list layers;
+  std::unique_ptr<kvttl::swap::SwapEngine> engine;
+
+  PySwapEngine(nb::list copy, kvttl::swap::HostBuffer& host, int64_t num_slots, const std::string& backend,
+               int max_ctas)
+      : layers(std::move(copy)) {
     KVTTL_CHECK(backend == "cuda" || backend == "cpu", BadArgument, "swap: backend must be cpu or cuda, got '",
                 backend, "'");
-#ifndef KVTTL_WITH_CUDA
-    KVTTL_CHECK(!cuda_, BadArgument, "swap: the cuda backend needs a CUDA build of kvttl (built without CUDA)");
-#endif
-    KVTTL_CHECK(!cuda_ || host.pinned(), BadArgument, "swap: the cuda backend needs a pinned host tier");
+    const bool cuda = backend == "cuda";
+    const int want = cuda ? nb::device::cuda::value : nb::device::cpu::value;
+    int device = 0;
     std::vector<kvttl::swap::LayerView> views;
-    const int want = cuda_ ? nb::device::cuda::value : nb::device::cpu::value;
-    for (size_t i = 0; i < nb::len(layers); ++i) views.push_back(parse_layer(layers[i], i, want, &device_));
-    layout_ = kvttl::swap::Layout::make(std::move(views));
-    KVTTL_CHECK(num_slots >= 1 && num_slots <= INT32_MAX, BadArgument, "swap: num_slots must be >= 1, got ",
-                num_slots);
-    KVTTL_CHECK(num_slots * layout_.slot_bytes <= host.num_bytes(), BadArgument, "swap: ", num_slots,
-                " slots of ", layout_.slot_bytes, " bytes need ", num_slots * layout_.slot_bytes,
-                " bytes; the host buffer has ", host.num_bytes());
-    layout_.host = host.data();
-    layout_.num_slots = num_slots;
-    if (cuda_) {
-#ifdef KVTTL_WITH_CUDA
-      gpu_ = std::make_unique<kvttl::cuda::CudaSwap>(layout_, device_, max_ctas);
-#endif
-    } else {
-      KVTTL_CHECK(max_ctas >= 1, BadArgument, "swap: max_ctas must be >= 1, got ", max_ctas);
-      cpu_ = std::make_unique<kvttl::swap::CpuQueue>();
-    }
+    for (size_t i = 0; i < nb::len(layers); ++i) views.push_back(parse_layer(layers[i], i, want, &device));
+    engine = std::make_unique<kvttl::swap::SwapEngine>(
+        std::move(views), host, num_slots, cuda ? kvttl::swap::Backend::kCuda : kvttl::swap::Backend::kCpu,
+        device, max_ctas);
   }
 
   std::shared_ptr<kvttl::swap::Transfer> submit(nb::handle src, nb::handle dst, const std::string& direction,
                                                 const std::string& method, uintptr_t stream, uintptr_t wait_stream) {
     using kvttl::swap::Direction;
+    using kvttl::swap::Method;
     const Direction dir = direction == "to_host"     ? Direction::kToHost
                           : direction == "to_device" ? Direction::kToDevice
                           : direction == "device"    ? Direction::kDeviceToDevice
                                                      : throw BadArgument("swap: unknown direction '" + direction + "'");
+    const Method m = method == "kernel"    ? Method::kKernel
+                     : method == "batched" ? Method::kBatchedMemcpy
+                     : method == "loop"    ? Method::kLoop
+                                           : throw BadArgument("swap: unknown method '" + method +
+                                                               "'; known: kernel, batched, loop");
     std::vector<BlockId> s = to_vector(parse_ids(src, tl_ids, INT32_MAX, "swap: source ids"));
     std::vector<BlockId> d = to_vector(parse_ids(dst, tl_ids, INT32_MAX, "swap: destination ids"));
     KVTTL_CHECK(s.size() == d.size(), BadArgument, "swap: ", s.size(), " source ids but ", d.size(),
                 " destination ids");
     std::vector<kvttl::swap::Pair> pairs(s.size());
     for (size_t i = 0; i < s.size(); ++i) pairs[i] = {s[i], d[i]};
-    kvttl::swap::validate(layout_, pairs, dir);
-    int64_t bytes = 0;
-    for (const auto& v : layout_.layers) bytes += v.page_bytes * static_cast<int64_t>(pairs.size());
-    if (!cuda_) {
-      KVTTL_CHECK(stream == 0 && wait_stream == 0, BadArgument, "swap: the cpu backend takes no CUDA streams");
-      const kvttl::swap::Layout layout = layout_;
-      return cpu_->submit([layout, pairs, dir] { kvttl::swap::copy_cpu(layout, pairs, dir); }, bytes);
-    }
-#ifdef KVTTL_WITH_CUDA
-    kvttl::cuda::Method m = method == "kernel"    ? kvttl::cuda::Method::kKernel
-                            : method == "batched" ? kvttl::cuda::Method::kBatchedMemcpy
-                            : method == "loop"    ? kvttl::cuda::Method::kLoop
-                                                  : throw BadArgument("swap: unknown method '" + method +
-                                                                      "'; known: kernel, batched, loop");
-    return gpu_->submit(pairs, dir, m, stream, wait_stream);
-#else
-    (void)method;
-    throw BadArgument("swap: built without CUDA");
-#endif
+    return engine->submit(std::move(pairs), dir, m, stream, wait_stream);
   }
 
-  int64_t slot_bytes() const { return layout_.slot_bytes; }
-  int64_t num_blocks() const { return layout_.num_blocks(); }
-  int64_t num_slots() const { return layout_.num_slots; }
-  int device() const { return device_; }
   std::vector<int64_t> page_bytes() const {
     std::vector<int64_t> out;
-    for (const auto& v : layout_.layers) out.push_back(v.page_bytes);
+    for (const auto& v : engine->layout().layers) out.push_back(v.page_bytes);
     return out;
   }
-
- private:
-  // Declared first, destroyed last: the queue below drains before the
-  // tensors its copies point into can go.
-  nb::list layers_;
-  bool cuda_;
-  int device_ = 0;
-  kvttl::swap::Layout layout_;
-  std::unique_ptr<kvttl::swap::CpuQueue> cpu_;
-#ifdef KVTTL_WITH_CUDA
-  std::unique_ptr<kvttl::cuda::CudaSwap> gpu_;
-#endif
 };
 
 }  // namespace
@@ -640,8 +564,23 @@ NB_MODULE(_core, m) {
         return s + "])";
       });
 
+  // ---- pin targets ---------------------------------------------------------------
+  nb::class_<kvttl::PinTarget>(m, "PinTarget")
+      .def_prop_ro("capacity", &kvttl::PinTarget::capacity)
+      .def_prop_ro("num_pinned", &kvttl::PinTarget::num_pinned)
+      .def("pin_count", [](const kvttl::PinTarget& p, nb::handle id) { return p.pin_count(to_int(id, "pin_count")); },
+           "id"_a.none());
+
+  nb::class_<kvttl::EngineBlocks, kvttl::PinTarget>(m, "EngineBlocks")
+      .def("__init__",
+           [](kvttl::EngineBlocks* p, nb::handle num_blocks) {
+             new (p) kvttl::EngineBlocks(to_int(num_blocks, "EngineBlocks: num_blocks"));
+           },
+           "num_blocks"_a.none())
+      .def("check_invariants", &kvttl::EngineBlocks::check_invariants);
+
   // ---- BlockPool -----------------------------------------------------------------
-  nb::class_<kvttl::BlockPool>(m, "BlockPool")
+  nb::class_<kvttl::BlockPool, kvttl::PinTarget>(m, "BlockPool")
       .def("__init__",
            [](kvttl::BlockPool* p, nb::handle num_blocks) {
              new (p) kvttl::BlockPool(to_int(num_blocks, "BlockPool: num_blocks"));
@@ -697,14 +636,11 @@ NB_MODULE(_core, m) {
              return p.evict(parse_ids(ids, tl_ids, p.capacity(), "evict"));
            },
            "ids"_a.none())
-      .def_prop_ro("capacity", &kvttl::BlockPool::capacity)
       .def_prop_ro("num_free", &kvttl::BlockPool::num_free)
       .def_prop_ro("num_cached", &kvttl::BlockPool::num_cached)
       .def_prop_ro("num_referenced", &kvttl::BlockPool::num_referenced)
       .def_prop_ro("num_evictable", &kvttl::BlockPool::num_evictable)
-      .def_prop_ro("num_pinned", &kvttl::BlockPool::num_pinned)
       .def("ref_count", [](const kvttl::BlockPool& p, nb::handle id) { return p.ref_count(to_int(id, "ref_count")); }, "id"_a.none())
-      .def("pin_count", [](const kvttl::BlockPool& p, nb::handle id) { return p.pin_count(to_int(id, "pin_count")); }, "id"_a.none())
       .def("block_hash",
            [](const kvttl::BlockPool& p, nb::handle id) -> nb::object {
              BlockHash h;
@@ -717,10 +653,10 @@ NB_MODULE(_core, m) {
   // ---- LeaseTable ----------------------------------------------------------------
   nb::class_<kvttl::LeaseTable>(m, "LeaseTable")
       .def("__init__",
-           [](kvttl::LeaseTable* t, kvttl::BlockPool& pool, nb::handle cap) {
-             new (t) kvttl::LeaseTable(pool, to_seconds(cap, "LeaseTable: pinned_share_cap"));
+           [](kvttl::LeaseTable* t, kvttl::PinTarget& target, nb::handle cap) {
+             new (t) kvttl::LeaseTable(target, to_seconds(cap, "LeaseTable: pinned_share_cap"));
            },
-           "pool"_a, "pinned_share_cap"_a.none(), nb::keep_alive<1, 2>())
+           "target"_a, "pinned_share_cap"_a.none(), nb::keep_alive<1, 2>())
       .def("grant",
            [](kvttl::LeaseTable& t, nb::handle owner, nb::handle blocks, nb::handle now,
               nb::handle ttl, nb::handle tool, nb::handle num_tokens, nb::handle priority) {
@@ -728,7 +664,7 @@ NB_MODULE(_core, m) {
              const auto o = parse_owner(owner);
              const double now_s = to_seconds(now, "grant: now");
              const double ttl_s = to_seconds(ttl, "grant: ttl");
-             const auto ids = parse_ids(blocks, tl_ids, t.pool().capacity(), "grant");
+             const auto ids = parse_ids(blocks, tl_ids, t.target().capacity(), "grant");
              const int64_t tokens = to_int(num_tokens, "grant: num_tokens");
              const double prio = to_seconds(priority, "grant: priority");
              KVTTL_CHECK(PyUnicode_Check(tool.ptr()), BadArgument, "grant: tool must be a str, got ",
@@ -776,22 +712,25 @@ NB_MODULE(_core, m) {
            },
            "owner"_a.none(), "now"_a.none(), "ttl"_a.none(), "keep_blocks"_a.none())
       .def("revoke",
-           [](kvttl::LeaseTable& t, nb::handle num_blocks, const std::string& order) {
+           [](kvttl::LeaseTable& t, nb::handle num_blocks, nb::handle num_leases, const std::string& order) {
              const auto o = parse_order(order);
              const int64_t n = to_int(num_blocks, "revoke: num_blocks");
+             const int64_t k = to_int(num_leases, "revoke: num_leases");
              kvttl::RevokeResult r;
              {
                nb::gil_scoped_release unlocked;
-               r = t.revoke(n, o);
+               r = t.revoke(n, k, o);
              }
              return r;
            },
-           "num_blocks"_a.none(), "order"_a)
+           "num_blocks"_a.none(), "num_leases"_a.none(), "order"_a)
       .def("revoke_in_order",
-           [](kvttl::LeaseTable& t, nb::handle num_blocks, const std::vector<uint64_t>& lease_ids) {
-             return t.revoke_in_order(to_int(num_blocks, "revoke: num_blocks"), lease_ids);
+           [](kvttl::LeaseTable& t, nb::handle num_blocks, nb::handle num_leases,
+              const std::vector<uint64_t>& lease_ids) {
+             return t.revoke_in_order(to_int(num_blocks, "revoke: num_blocks"),
+                                      to_int(num_leases, "revoke: num_leases"), lease_ids);
            },
-           "num_blocks"_a.none(), "lease_ids"_a)
+           "num_blocks"_a.none(), "num_leases"_a.none(), "lease_ids"_a)
       .def("release_all", &kvttl::LeaseTable::release_all)
       .def("get",
            [](const kvttl::LeaseTable& t, nb::handle owner) -> nb::object {
@@ -818,17 +757,17 @@ NB_MODULE(_core, m) {
       .def("check_invariants", &kvttl::LeaseTable::check_invariants);
 
   // ---- swap ------------------------------------------------------------------------
-  nb::class_<HostBuffer>(m, "HostBuffer")
+  nb::class_<kvttl::swap::HostBuffer>(m, "HostBuffer")
       .def("__init__",
-           [](HostBuffer* self, nb::handle num_bytes, bool pinned) {
-             new (self) HostBuffer(to_int(num_bytes, "host tier: num_bytes"), pinned);
+           [](kvttl::swap::HostBuffer* self, nb::handle num_bytes, bool pinned) {
+             new (self) kvttl::swap::HostBuffer(to_int(num_bytes, "host tier: num_bytes"), pinned);
            },
            "num_bytes"_a.none(), "pinned"_a)
-      .def_prop_ro("num_bytes", &HostBuffer::num_bytes)
-      .def_prop_ro("pinned", &HostBuffer::pinned)
+      .def_prop_ro("num_bytes", &kvttl::swap::HostBuffer::num_bytes)
+      .def_prop_ro("pinned", &kvttl::swap::HostBuffer::pinned)
       .def("view",
            [](nb::handle self, int64_t rows, int64_t row_bytes) {
-             HostBuffer& b = nb::cast<HostBuffer&>(self);
+             auto& b = nb::cast<kvttl::swap::HostBuffer&>(self);
              KVTTL_CHECK(rows >= 0 && row_bytes >= 0 && rows * row_bytes <= b.num_bytes(), BadArgument,
                          "host tier: a view of ", rows, " x ", row_bytes, " bytes does not fit in ",
                          b.num_bytes());
@@ -842,22 +781,24 @@ NB_MODULE(_core, m) {
       .def("wait", &kvttl::swap::Transfer::wait, nb::call_guard<nb::gil_scoped_release>())
       .def_ro("num_bytes", &kvttl::swap::Transfer::num_bytes);
 
-  nb::class_<SwapEngine>(m, "SwapEngine")
-      .def(nb::init<nb::list, HostBuffer&, int64_t, const std::string&, int>(), "layers"_a, "host"_a,
-           "num_slots"_a, "backend"_a, "max_ctas"_a, nb::keep_alive<1, 3>())
-      .def("submit", &SwapEngine::submit, "src"_a.none(), "dst"_a.none(), "direction"_a, "method"_a, "stream"_a,
+  nb::class_<PySwapEngine>(m, "SwapEngine")
+      .def("__init__",
+           [](PySwapEngine* self, nb::handle layers, kvttl::swap::HostBuffer& host, int64_t num_slots,
+              const std::string& backend, int max_ctas) {
+             KVTTL_CHECK(PyList_Check(layers.ptr()) || PyTuple_Check(layers.ptr()), BadArgument,
+                         "swap: layers must be a list of tensors, got ", type_name(layers.ptr()));
+             nb::list copy;
+             for (nb::handle layer : layers) copy.append(layer);
+             new (self) PySwapEngine(std::move(copy), host, num_slots, backend, max_ctas);
+           },
+           "layers"_a, "host"_a, "num_slots"_a, "backend"_a, "max_ctas"_a, nb::keep_alive<1, 3>())
+      .def("submit", &PySwapEngine::submit, "src"_a.none(), "dst"_a.none(), "direction"_a, "method"_a, "stream"_a,
            "wait_stream"_a)
-      .def_prop_ro("slot_bytes", &SwapEngine::slot_bytes)
-      .def_prop_ro("num_blocks", &SwapEngine::num_blocks)
-      .def_prop_ro("num_slots", &SwapEngine::num_slots)
-      .def_prop_ro("device", &SwapEngine::device)
-      .def_prop_ro("page_bytes", &SwapEngine::page_bytes);
+      .def_prop_ro("slot_bytes", [](const PySwapEngine& e) { return e.engine->layout().slot_bytes; })
+      .def_prop_ro("num_blocks", [](const PySwapEngine& e) { return e.engine->layout().num_blocks(); })
+      .def_prop_ro("num_slots", [](const PySwapEngine& e) { return e.engine->layout().num_slots; })
+      .def_prop_ro("device", [](const PySwapEngine& e) { return e.engine->device(); })
+      .def_prop_ro("page_bytes", &PySwapEngine::page_bytes);
 
-  m.def("has_batched_memcpy", []() {
-#ifdef KVTTL_WITH_CUDA
-    return kvttl::cuda::has_batched_memcpy();
-#else
-    return false;
-#endif
-  });
+  m.def("has_batched_memcpy", &kvttl::swap::has_batched_memcpy);
 }

@@ -5,15 +5,8 @@
 
 namespace kvttl {
 
-namespace {
-constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max() - 1;
-}
-
-BlockPool::BlockPool(int64_t num_blocks) : num_blocks_(num_blocks) {
-  KVTTL_CHECK(num_blocks >= 1 && num_blocks <= kMaxBlocks, BadArgument,
-              "num_blocks must be between 1 and ", kMaxBlocks, ", got ", num_blocks);
+BlockPool::BlockPool(int64_t num_blocks) : PinTarget(num_blocks) {
   blocks_.resize(static_cast<size_t>(num_blocks) + 1);
-  seen_.assign(static_cast<size_t>(num_blocks), 0);
   const BlockId sentinel = static_cast<BlockId>(num_blocks);
   blocks_[sentinel].prev = blocks_[sentinel].next = sentinel;
   for (BlockId b = 0; b < sentinel; ++b) push_tail(b);
@@ -32,7 +25,7 @@ void BlockPool::unlink(BlockId id) {
 }
 
 void BlockPool::push_head(BlockId id) {
-  const BlockId s = static_cast<BlockId>(num_blocks_);
+  const BlockId s = static_cast<BlockId>(capacity_);
   Block& blk = blocks_[id];
   blk.prev = s;
   blk.next = blocks_[s].next;
@@ -43,7 +36,7 @@ void BlockPool::push_head(BlockId id) {
 }
 
 void BlockPool::push_tail(BlockId id) {
-  const BlockId s = static_cast<BlockId>(num_blocks_);
+  const BlockId s = static_cast<BlockId>(capacity_);
   Block& blk = blocks_[id];
   blk.next = s;
   blk.prev = blocks_[s].prev;
@@ -71,31 +64,17 @@ void BlockPool::release_one(BlockId id) {
 
 // ---- validation ---------------------------------------------------------
 
-uint32_t BlockPool::next_epoch() const {
-  if (++epoch_ == 0) {  // wrapped: clear stale stamps once every 2^32 calls
-    std::fill(seen_.begin(), seen_.end(), 0);
-    epoch_ = 1;
-  }
-  return epoch_;
-}
-
-void BlockPool::check_range(IdSpan ids, const char* what) const {
+void BlockPool::check_ref_room(IdSpan ids, const char* what) const {
   for (size_t i = 0; i < ids.size; ++i) {
-    KVTTL_CHECK(ids[i] >= 0 && ids[i] < num_blocks_, UnknownBlock, what, ": block id ", ids[i],
-                " (position ", i, ") is outside [0, ", num_blocks_, ")");
+    KVTTL_CHECK(blocks_[ids[i]].ref < std::numeric_limits<int32_t>::max(), BadArgument, what, ": block ",
+                ids[i], " already carries the most references a block can hold");
   }
 }
 
-// A bad id is reported before a duplicate, wherever each is.
-void BlockPool::check_ids(IdSpan ids, const char* what) const {
-  check_range(ids, what);
-  const uint32_t epoch = next_epoch();
-  for (size_t i = 0; i < ids.size; ++i) {
-    const BlockId b = ids[i];
-    KVTTL_CHECK(seen_[b] != epoch, BadArgument, what, ": block id ", b,
-                " appears more than once in one call (position ", i, ")");
-    seen_[b] = epoch;
-  }
+void BlockPool::check_pinnable_locked(IdSpan ids, const char* what) const {
+  check_unique(ids, what);
+  check_has_content(ids, what);
+  check_ref_room(ids, what);
 }
 
 void BlockPool::check_has_content(IdSpan ids, const char* what) const {
@@ -112,11 +91,11 @@ void BlockPool::check_has_content(IdSpan ids, const char* what) const {
 bool BlockPool::allocate(int64_t n, BlockId* out) {
   std::lock_guard<std::mutex> lock(mu_);
   KVTTL_CHECK(n >= 0, BadArgument, "allocate: n must be >= 0, got ", n);
-  KVTTL_CHECK(n <= num_blocks_, OutOfBlocks, "allocate: asked for ", n,
-              " blocks but the pool has only ", num_blocks_, " in all");
+  KVTTL_CHECK(n <= capacity_, OutOfBlocks, "allocate: asked for ", n,
+              " blocks but the pool has only ", capacity_, " in all");
   if (n > queue_size_) return false;
   // Walk the first n blocks of the queue, then splice them out at once.
-  const BlockId s = static_cast<BlockId>(num_blocks_);
+  const BlockId s = static_cast<BlockId>(capacity_);
   BlockId b = blocks_[s].next;
   for (int64_t i = 0; i < n; ++i) {
     Block& blk = blocks_[b];
@@ -146,8 +125,9 @@ void BlockPool::add_ref_locked(IdSpan ids) {
 
 void BlockPool::add_ref(IdSpan ids) {
   std::lock_guard<std::mutex> lock(mu_);
-  check_ids(ids, "add_ref");
+  check_unique(ids, "add_ref");
   check_has_content(ids, "add_ref");
+  check_ref_room(ids, "add_ref");
   add_ref_locked(ids);
 }
 
@@ -155,7 +135,7 @@ int64_t BlockPool::drop_ref(IdSpan ids) {
   std::lock_guard<std::mutex> lock(mu_);
   check_range(ids, "drop_ref");
   // One pass stamps for duplicates and notes the first block without an
-  // engine reference; duplicates are reported first, as in check_ids.
+  // engine reference; duplicates are reported first, as in check_unique.
   const uint32_t epoch = next_epoch();
   size_t bad = ids.size;
   for (size_t i = 0; i < ids.size; ++i) {
@@ -187,7 +167,7 @@ int64_t BlockPool::register_hashes(IdSpan ids, HashSpan hashes) {
   std::lock_guard<std::mutex> lock(mu_);
   KVTTL_CHECK(ids.size == hashes.size, BadArgument, "register_hashes: got ", ids.size,
               " block ids but ", hashes.size, " hashes");
-  check_ids(ids, "register_hashes");
+  check_unique(ids, "register_hashes");
   for (size_t i = 0; i < ids.size; ++i) {
     const Block& blk = blocks_[ids[i]];
     KVTTL_CHECK(blk.ref > 0, BadArgument, "register_hashes: block ", ids[i],
@@ -224,13 +204,14 @@ size_t BlockPool::lookup_prefix(HashSpan hashes, BlockId* out) const {
 size_t BlockPool::acquire_prefix(HashSpan hashes, BlockId* out) {
   std::lock_guard<std::mutex> lock(mu_);
   const size_t n = lookup_prefix_locked(hashes, out);
+  check_ref_room(IdSpan{out, n}, "acquire_prefix");
   add_ref_locked(IdSpan{out, n});  // the index holds no duplicate ids
   return n;
 }
 
 int64_t BlockPool::evict(IdSpan ids) {
   std::lock_guard<std::mutex> lock(mu_);
-  check_ids(ids, "evict");
+  check_unique(ids, "evict");
   for (size_t i = 0; i < ids.size; ++i) {
     KVTTL_CHECK(blocks_[ids[i]].ref == 0, BadArgument, "evict: block ", ids[i],
                 " is referenced (ref ", blocks_[ids[i]].ref,
@@ -284,34 +265,22 @@ int64_t BlockPool::num_cached() const {
 }
 int64_t BlockPool::num_referenced() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return num_blocks_ - queue_size_;
+  return capacity_ - queue_size_;
 }
 int64_t BlockPool::num_evictable() const {
   std::lock_guard<std::mutex> lock(mu_);
   return queue_size_;
 }
-int64_t BlockPool::num_pinned() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return num_pinned_;
-}
-
 int32_t BlockPool::ref_count(int64_t id) const {
-  KVTTL_CHECK(id >= 0 && id < num_blocks_, UnknownBlock, "ref_count: block id ", id,
-              " is outside [0, ", num_blocks_, ")");
+  KVTTL_CHECK(id >= 0 && id < capacity_, UnknownBlock, "ref_count: block id ", id,
+              " is outside [0, ", capacity_, ")");
   std::lock_guard<std::mutex> lock(mu_);
   return blocks_[id].ref;
 }
 
-int32_t BlockPool::pin_count(int64_t id) const {
-  KVTTL_CHECK(id >= 0 && id < num_blocks_, UnknownBlock, "pin_count: block id ", id,
-              " is outside [0, ", num_blocks_, ")");
-  std::lock_guard<std::mutex> lock(mu_);
-  return blocks_[id].pins;
-}
-
 bool BlockPool::block_hash(int64_t id, BlockHash* out) const {
-  KVTTL_CHECK(id >= 0 && id < num_blocks_, UnknownBlock, "block_hash: block id ", id,
-              " is outside [0, ", num_blocks_, ")");
+  KVTTL_CHECK(id >= 0 && id < capacity_, UnknownBlock, "block_hash: block id ", id,
+              " is outside [0, ", capacity_, ")");
   std::lock_guard<std::mutex> lock(mu_);
   if (!blocks_[id].hashed) return false;
   *out = blocks_[id].hash;
@@ -322,21 +291,21 @@ std::vector<BlockId> BlockPool::queue_order() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<BlockId> order;
   order.reserve(static_cast<size_t>(queue_size_));
-  const BlockId s = static_cast<BlockId>(num_blocks_);
+  const BlockId s = static_cast<BlockId>(capacity_);
   for (BlockId b = blocks_[s].next; b != s; b = blocks_[b].next) order.push_back(b);
   return order;
 }
 
 void BlockPool::check_invariants() const {
   std::lock_guard<std::mutex> lock(mu_);
-  const BlockId s = static_cast<BlockId>(num_blocks_);
+  const BlockId s = static_cast<BlockId>(capacity_);
   int64_t in_queue = 0, cached = 0, pinned = 0;
   for (BlockId b = blocks_[s].next, prev = s; b != s; prev = b, b = blocks_[b].next) {
     KVTTL_INVARIANT(b >= 0 && b < s);
     KVTTL_INVARIANT(blocks_[b].prev == prev);
     KVTTL_INVARIANT(blocks_[b].ref == 0);
     ++in_queue;
-    KVTTL_INVARIANT(in_queue <= num_blocks_);
+    KVTTL_INVARIANT(in_queue <= capacity_);
     if (blocks_[b].hashed) ++cached;
   }
   KVTTL_INVARIANT(in_queue == queue_size_);

@@ -21,16 +21,25 @@ void check_ttl(double ttl, const char* what) {
 
 }  // namespace
 
-LeaseTable::LeaseTable(BlockPool& pool, double pinned_share_cap) : pool_(pool) {
+LeaseTable::LeaseTable(PinTarget& target, double pinned_share_cap) : target_(target) {
   KVTTL_CHECK(!std::isnan(pinned_share_cap) && pinned_share_cap >= 0 && pinned_share_cap <= 1,
               BadArgument, "pinned_share_cap must be in [0, 1], got ", pinned_share_cap);
+  std::lock_guard<std::mutex> lock(target_.mu_);
+  KVTTL_CHECK(!target_.has_table_, BadArgument,
+              "LeaseTable: these blocks already have a lease table; one table per pool keeps the "
+              "pinned-share cap and the pin counts its own");
+  target_.has_table_ = true;
   cap_ = pinned_share_cap;
-  max_pinned_ = static_cast<int64_t>(std::floor(cap_ * static_cast<double>(pool.capacity())));
+  max_pinned_ = static_cast<int64_t>(std::floor(cap_ * static_cast<double>(target.capacity())));
 }
 
 // A table that goes away returns its pins: nothing stays referenced for a lease
 // that no longer exists.
-LeaseTable::~LeaseTable() { release_all(); }
+LeaseTable::~LeaseTable() {
+  release_all();
+  std::lock_guard<std::mutex> lock(target_.mu_);
+  target_.has_table_ = false;
+}
 
 // Equal deadlines expire in grant order, so expiry is deterministic.
 bool LeaseTable::later(const HeapEntry& a, const HeapEntry& b) {
@@ -66,7 +75,7 @@ LeaseInfo LeaseTable::end_locked(uint64_t lease_id) {
   KVTTL_INVARIANT(it != leases_.end());
   LeaseInfo info = std::move(it->second.info);
   info.num_blocks_freed =
-      pool_.unpin_locked(it->second.blocks.data(), it->second.blocks.size());
+      target_.unpin_locked(it->second.blocks.data(), it->second.blocks.size());
   by_owner_.erase(info.owner);
   leases_.erase(it);
   return info;
@@ -74,36 +83,28 @@ LeaseInfo LeaseTable::end_locked(uint64_t lease_id) {
 
 GrantResult LeaseTable::grant(const Owner& owner, IdSpan blocks, double now, double ttl,
                               const std::string& tool, int64_t num_tokens, double priority) {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   check_now(now, "grant");
   check_ttl(ttl, "grant");
   KVTTL_CHECK(num_tokens >= 0, BadArgument, "grant: num_tokens must be >= 0, got ", num_tokens);
   KVTTL_CHECK(std::isfinite(priority), BadArgument, "grant: priority must be finite, got ",
               priority);
   KVTTL_CHECK(blocks.size > 0, BadArgument, "grant: a lease needs at least one block");
-  pool_.check_ids(blocks, "grant");
-  pool_.check_has_content(blocks, "grant");
+  target_.check_pinnable_locked(blocks, "grant");
 
-  // The pinned-block count after the grant. check_ids left the new blocks
-  // stamped with the current epoch, which tells old-and-new blocks apart.
   Lease* old = find_locked(owner);
-  int64_t added = 0, removed = 0;
-  for (BlockId b : blocks) added += pool_.blocks_[b].pins == 0;
-  if (old) {
-    for (BlockId b : old->blocks)
-      removed += pool_.blocks_[b].pins == 1 && pool_.seen_[b] != pool_.epoch_;
-  }
-  const int64_t pinned_after = pool_.num_pinned_ + added - removed;
+  const int64_t pinned_after = target_.pinned_after_locked(
+      blocks, old ? IdSpan{old->blocks.data(), old->blocks.size()} : IdSpan{});
   GrantResult result;
   if (pinned_after > max_pinned_) {
     result.status = GrantStatus::kRefusedCap;
     result.reason = detail::cat("pinned-share cap: the grant would pin ", pinned_after, " of ",
-                                pool_.capacity(), " blocks; the cap of ", cap_, " allows ",
+                                target_.capacity(), " blocks; the cap of ", cap_, " allows ",
                                 max_pinned_);
     return result;
   }
 
-  pool_.pin_locked(blocks);  // new references first ...
+  target_.pin_locked(blocks);  // new pins first ...
   if (old) {
     result.replaced_lease_id = old->info.lease_id;
     end_locked(old->info.lease_id);  // ... then the old ones go
@@ -128,7 +129,7 @@ GrantResult LeaseTable::grant(const Owner& owner, IdSpan blocks, double now, dou
 }
 
 bool LeaseTable::release(const Owner& owner, uint64_t lease_id, LeaseInfo* released) {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   Lease* lease = find_locked(owner);
   if (!lease || (lease_id != 0 && lease->info.lease_id != lease_id)) return false;
   LeaseInfo info = end_locked(lease->info.lease_id);
@@ -138,7 +139,7 @@ bool LeaseTable::release(const Owner& owner, uint64_t lease_id, LeaseInfo* relea
 }
 
 std::vector<LeaseInfo> LeaseTable::expire(double now) {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   KVTTL_CHECK(!std::isnan(now), BadArgument, "expire: now must not be NaN");
   std::vector<LeaseInfo> expired;
   while (!heap_.empty() && heap_.front().deadline <= now) {
@@ -154,7 +155,7 @@ std::vector<LeaseInfo> LeaseTable::expire(double now) {
 }
 
 bool LeaseTable::renew(const Owner& owner, double now, double ttl) {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   check_now(now, "renew");
   check_ttl(ttl, "renew");
   Lease* lease = find_locked(owner);
@@ -168,7 +169,7 @@ bool LeaseTable::renew(const Owner& owner, double now, double ttl) {
 }
 
 bool LeaseTable::extend(const Owner& owner, double seconds) {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   KVTTL_CHECK(!std::isnan(seconds) && seconds >= 0, BadArgument,
               "extend: seconds must be >= 0, got ", seconds);
   Lease* lease = find_locked(owner);
@@ -183,7 +184,7 @@ bool LeaseTable::extend(const Owner& owner, double seconds) {
 
 bool LeaseTable::demote(const Owner& owner, double now, double ttl, int64_t keep_blocks,
                         int64_t* blocks_freed) {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   check_now(now, "demote");
   check_ttl(ttl, "demote");
   KVTTL_CHECK(keep_blocks != 0, BadArgument,
@@ -192,7 +193,7 @@ bool LeaseTable::demote(const Owner& owner, double now, double ttl, int64_t keep
   Lease* lease = find_locked(owner);
   if (!lease) return false;
   if (keep_blocks > 0 && static_cast<size_t>(keep_blocks) < lease->blocks.size()) {
-    *blocks_freed = pool_.unpin_locked(lease->blocks.data() + keep_blocks,
+    *blocks_freed = target_.unpin_locked(lease->blocks.data() + keep_blocks,
                                        lease->blocks.size() - static_cast<size_t>(keep_blocks));
     lease->blocks.resize(static_cast<size_t>(keep_blocks));
     lease->info.num_blocks = keep_blocks;
@@ -205,10 +206,12 @@ bool LeaseTable::demote(const Owner& owner, double now, double ttl, int64_t keep
   return true;
 }
 
-RevokeResult LeaseTable::revoke_locked(int64_t num_blocks, const std::vector<uint64_t>& order) {
+RevokeResult LeaseTable::revoke_locked(int64_t num_blocks, int64_t max_leases,
+                                       const std::vector<uint64_t>& order) {
   RevokeResult result;
   for (uint64_t id : order) {
     if (result.num_blocks_freed >= num_blocks) break;
+    if (static_cast<int64_t>(result.revoked.size()) >= max_leases) break;
     if (leases_.find(id) == leases_.end()) continue;
     result.revoked.push_back(end_locked(id));
     result.num_blocks_freed += result.revoked.back().num_blocks_freed;
@@ -217,10 +220,17 @@ RevokeResult LeaseTable::revoke_locked(int64_t num_blocks, const std::vector<uin
   return result;
 }
 
-RevokeResult LeaseTable::revoke(int64_t num_blocks, RevokeOrder order) {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+namespace {
+void check_revoke_targets(int64_t num_blocks, int64_t max_leases) {
   KVTTL_CHECK(num_blocks >= 0, BadArgument, "revoke: num_blocks must be >= 0, got ", num_blocks);
-  if (num_blocks == 0 || leases_.empty()) return {};
+  KVTTL_CHECK(max_leases >= 0, BadArgument, "revoke: num_leases must be >= 0, got ", max_leases);
+}
+}  // namespace
+
+RevokeResult LeaseTable::revoke(int64_t num_blocks, int64_t max_leases, RevokeOrder order) {
+  std::lock_guard<std::mutex> lock(target_.mu_);
+  check_revoke_targets(num_blocks, max_leases);
+  if (num_blocks == 0 || max_leases == 0 || leases_.empty()) return {};
   std::vector<const LeaseInfo*> infos;
   infos.reserve(leases_.size());
   for (const auto& kv : leases_) infos.push_back(&kv.second.info);
@@ -251,17 +261,18 @@ RevokeResult LeaseTable::revoke(int64_t num_blocks, RevokeOrder order) {
   std::vector<uint64_t> ids;
   ids.reserve(infos.size());
   for (const LeaseInfo* info : infos) ids.push_back(info->lease_id);
-  return revoke_locked(num_blocks, ids);
+  return revoke_locked(num_blocks, max_leases, ids);
 }
 
-RevokeResult LeaseTable::revoke_in_order(int64_t num_blocks, const std::vector<uint64_t>& lease_ids) {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
-  KVTTL_CHECK(num_blocks >= 0, BadArgument, "revoke: num_blocks must be >= 0, got ", num_blocks);
-  return revoke_locked(num_blocks, lease_ids);
+RevokeResult LeaseTable::revoke_in_order(int64_t num_blocks, int64_t max_leases,
+                                         const std::vector<uint64_t>& lease_ids) {
+  std::lock_guard<std::mutex> lock(target_.mu_);
+  check_revoke_targets(num_blocks, max_leases);
+  return revoke_locked(num_blocks, max_leases, lease_ids);
 }
 
 int64_t LeaseTable::release_all() {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   std::vector<uint64_t> ids;
   ids.reserve(leases_.size());
   for (const auto& kv : leases_) ids.push_back(kv.first);
@@ -272,7 +283,7 @@ int64_t LeaseTable::release_all() {
 }
 
 bool LeaseTable::get(const Owner& owner, LeaseInfo* out) const {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   const Lease* lease = find_locked(owner);
   if (!lease) return false;
   *out = lease->info;
@@ -280,13 +291,13 @@ bool LeaseTable::get(const Owner& owner, LeaseInfo* out) const {
 }
 
 std::vector<BlockId> LeaseTable::blocks(const Owner& owner) const {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   const Lease* lease = find_locked(owner);
   return lease ? lease->blocks : std::vector<BlockId>{};
 }
 
 std::vector<LeaseInfo> LeaseTable::leases() const {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   std::vector<LeaseInfo> out;
   out.reserve(leases_.size());
   for (const auto& kv : leases_) out.push_back(kv.second.info);
@@ -296,7 +307,7 @@ std::vector<LeaseInfo> LeaseTable::leases() const {
 }
 
 std::vector<LeaseInfo> LeaseTable::older_than(double now, double max_age) const {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   check_now(now, "older_than");
   KVTTL_CHECK(!std::isnan(max_age) && max_age >= 0, BadArgument,
               "older_than: max_age must be >= 0 seconds, got ", max_age);
@@ -310,19 +321,19 @@ std::vector<LeaseInfo> LeaseTable::older_than(double now, double max_age) const 
 }
 
 int64_t LeaseTable::num_leases() const {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   return static_cast<int64_t>(leases_.size());
 }
 
 size_t LeaseTable::heap_size() const {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   return heap_.size();
 }
 
 void LeaseTable::check_invariants() const {
-  std::lock_guard<std::mutex> lock(pool_.mu_);
+  std::lock_guard<std::mutex> lock(target_.mu_);
   KVTTL_INVARIANT(by_owner_.size() == leases_.size());
-  std::vector<int32_t> cover(static_cast<size_t>(pool_.capacity()), 0);
+  std::vector<int32_t> cover(static_cast<size_t>(target_.capacity()), 0);
   std::unordered_multimap<uint64_t, double> due;
   for (const HeapEntry& e : heap_) due.emplace(e.lease_id, e.deadline);
   for (const auto& [id, lease] : leases_) {
@@ -341,10 +352,10 @@ void LeaseTable::check_invariants() const {
   }
   int64_t pinned = 0;
   for (size_t b = 0; b < cover.size(); ++b) {
-    KVTTL_INVARIANT(pool_.blocks_[b].pins == cover[b]);
+    KVTTL_INVARIANT(target_.pins_locked(static_cast<BlockId>(b)) == cover[b]);
     pinned += cover[b] > 0;
   }
-  KVTTL_INVARIANT(pinned == pool_.num_pinned_ && pinned <= max_pinned_);
+  KVTTL_INVARIANT(pinned == target_.num_pinned_ && pinned <= max_pinned_);
 }
 
 }  // namespace kvttl

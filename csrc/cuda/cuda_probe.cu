@@ -1,6 +1,6 @@
 #include <cuda_runtime.h>
 
-#include "cuda_probe.h"
+#include "kvttl/cuda_probe.h"
 
 namespace kvttl::cuda {
 

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <string>
 
-#include "swap_cuda.h"
+#include "kvttl/swap_cuda.h"
 
 namespace kvttl::cuda {
 

@@ -1,7 +1,7 @@
 """The core layer: BlockPool and LeaseTable.
 
 Both are thin Python faces over the native objects in ``kvttl._core`` (C++,
-csrc/core): every operation is one native call that validates all of its
+csrc/core, headers in include/kvttl): every operation is one native call that validates all of its
 input before it changes anything, so a call that raises leaves the state as
 it was. Batch calls take a whole request's blocks at once -- a list, tuple or
 any 1-D integer array (numpy, or anything with the buffer protocol or DLPack
@@ -43,6 +43,8 @@ Ids = Union[Sequence[int], "numpy.ndarray"]  # noqa: F821  (any 1-D integer arra
 #: Continuum's: under pressure, unpin the most recently arrived program first.
 REVOKE_ORDERS = ("latest_granted", "earliest_deadline", "lowest_priority", "most_blocks")
 
+
+_UNBOUNDED = 2**63 - 1  # "no limit" for revoke's block and lease counts
 
 # The native orders as key functions, for revoke(where=...): same ties (newest first).
 _NATIVE_ORDER_KEYS = {
@@ -169,13 +171,24 @@ class BlockPool:
 
 
 class LeaseTable:
-    """Time-limited, owner-keyed, revocable pins on a BlockPool's blocks.
+    """Time-limited, owner-keyed, revocable pins on block ids.
 
     A lease belongs to an owner (a program id), covers a set of blocks and has
-    a deadline on the table's clock. While it lives it holds one extra
-    reference on each of its blocks, so they are neither allocatable nor
-    evictable. An owner holds at most one lease: granting again replaces it,
-    the new references taken before the old are dropped.
+    a deadline on the table's clock. An owner holds at most one lease:
+    granting again replaces it, the new pins taken before the old are dropped.
+
+    The blocks are one of two kinds:
+
+    - ``LeaseTable(pool)``: a kvttl ``BlockPool``. A lease holds one extra
+      reference on each of its blocks, so they are neither allocatable nor
+      evictable.
+    - ``LeaseTable.for_engine_blocks(num_blocks)``: block ids that an engine
+      allocates itself (vLLM's block pool, SGLang's KV pages). The table
+      counts pins per block -- for the cap, and so that ``num_blocks_freed``
+      says how many blocks no lease pins any more -- and the engine keeps its
+      own hold on a lease's blocks while the lease lives.
+
+    One table per pool: a second one is refused.
 
     Pins are soft. Leases may pin at most ``pinned_share_cap`` of the pool (a
     grant beyond it is refused, as a normal result), and ``revoke`` drops
@@ -189,7 +202,7 @@ class LeaseTable:
     Every method is atomic with respect to the pool and the table.
     """
 
-    __slots__ = ("_native", "_pool", "_clock")
+    __slots__ = ("_native", "_pool", "_target", "_clock")
 
     def __init__(
         self,
@@ -199,16 +212,52 @@ class LeaseTable:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(pool, BlockPool):
-            raise BadArgumentError(f"LeaseTable needs a kvttl.BlockPool, got {type(pool).__name__}")
+            raise BadArgumentError(
+                f"LeaseTable needs a kvttl.BlockPool, got {type(pool).__name__}; for blocks an engine "
+                "allocates itself, use LeaseTable.for_engine_blocks(num_blocks)")
+        self._init(pool._native, pool, pinned_share_cap, clock)
+
+    @classmethod
+    def for_engine_blocks(
+        cls,
+        num_blocks: int,
+        *,
+        pinned_share_cap: float = 0.8,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> "LeaseTable":
+        """A table over block ids ``[0, num_blocks)`` whose memory the engine
+        owns: grants need no content check, and a lease's pins are counted
+        here while the engine holds the blocks itself."""
+        table = cls.__new__(cls)
+        table._init(_core.EngineBlocks(num_blocks), None, pinned_share_cap, clock)
+        return table
+
+    def _init(self, target, pool, pinned_share_cap, clock) -> None:
         if not callable(clock):
             raise BadArgumentError(f"clock must be callable, got {type(clock).__name__}")
-        self._native = _core.LeaseTable(pool._native, pinned_share_cap)
+        self._native = _core.LeaseTable(target, pinned_share_cap)
+        self._target = target
         self._pool = pool
         self._clock = clock
 
     @property
-    def pool(self) -> BlockPool:
+    def pool(self) -> BlockPool | None:
+        """The kvttl pool this table pins references in; None for engine blocks."""
         return self._pool
+
+    @property
+    def capacity(self) -> int:
+        """Blocks the table may pin from (the pool's capacity)."""
+        return self._target.capacity
+
+    @property
+    def num_pinned(self) -> int:
+        """Blocks at least one lease pins."""
+        return self._target.num_pinned
+
+    def pin_count(self, block_id: int) -> int:
+        """Leases that pin this block."""
+        return self._target.pin_count(block_id)
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -226,8 +275,8 @@ class LeaseTable:
         now: float | None = None,
     ) -> GrantResult:
         """Pins ``blocks`` for ``owner`` until ``now + ttl`` seconds
-        (``math.inf``: until released or revoked). Blocks must be cached or
-        referenced. Returns a GrantResult: ``granted`` False (with a
+        (``math.inf``: until released or revoked). In a BlockPool the blocks
+        must be cached or referenced. Returns a GrantResult: ``granted`` False (with a
         ``reason``) when the pinned-share cap would be exceeded, in which case
         nothing changed -- an existing lease of the owner stays."""
         return self._native.grant(
@@ -237,8 +286,13 @@ class LeaseTable:
     def release(self, owner: Owner, *, lease_id: int | None = None) -> LeaseInfo | None:
         """Drops the owner's lease (only lease ``lease_id``, if given).
         Returns it, or ``None`` if there was none -- expired, revoked,
-        replaced or never granted."""
-        return self._native.release(owner, lease_id or 0)
+        replaced or never granted. Lease ids start at 1; ``lease_id=0`` (a
+        refused grant's) matches no lease."""
+        if lease_id is None:
+            return self._native.release(owner, 0)
+        if isinstance(lease_id, bool) or not isinstance(lease_id, int) or not 0 <= lease_id < 2**64:
+            raise BadArgumentError(f"release: lease_id must be an int in [0, 2**64), got {lease_id!r}")
+        return self._native.release(owner, lease_id) if lease_id else None
 
     def expire(self, now: float | None = None) -> list[LeaseInfo]:
         """Drops every lease whose deadline is <= now, each exactly once, in
@@ -272,23 +326,31 @@ class LeaseTable:
 
     def revoke(
         self,
-        num_blocks: int,
+        num_blocks: int | None = None,
         order: str | Callable[[LeaseInfo], object] = "latest_granted",
         *,
+        num_leases: int | None = None,
         where: Callable[[LeaseInfo], bool] | None = None,
     ) -> RevokeResult:
-        """Revokes leases until at least ``num_blocks`` blocks became free or
-        cached through revocation, or none is left. ``order`` is one of
-        REVOKE_ORDERS or a key function over LeaseInfo (smallest key revoked
-        first); ``where`` limits revocation to the leases it accepts (e.g.
-        only programs of lower priority than the one asking). Blocks still
-        referenced by the engine free nothing, so the result's
+        """Revokes leases, in ``order``, until at least ``num_blocks`` blocks
+        were freed through revocation, ``num_leases`` leases were revoked, or
+        none is left; give either or both. "Freed" is: free or cached again in
+        a BlockPool, pinned by no lease any more for engine blocks.
+
+        ``order`` is one of REVOKE_ORDERS or a key function over LeaseInfo
+        (smallest key revoked first); ``where`` limits revocation to the
+        leases it accepts (e.g. only programs of lower priority than the one
+        asking). Blocks still held elsewhere free nothing, so the result's
         ``num_blocks_freed`` may exceed or fall short of the need."""
+        if num_blocks is None and num_leases is None:
+            raise BadArgumentError("revoke: give num_blocks, num_leases or both")
+        blocks = _UNBOUNDED if num_blocks is None else num_blocks
+        leases = _UNBOUNDED if num_leases is None else num_leases
         if isinstance(order, str) and where is None:
-            return self._native.revoke(num_blocks, order)
+            return self._native.revoke(blocks, leases, order)
         if isinstance(order, str):
             if order not in REVOKE_ORDERS:
-                return self._native.revoke(num_blocks, order)  # the native error names the known ones
+                return self._native.revoke(blocks, leases, order)  # the native error names the known ones
             order = _NATIVE_ORDER_KEYS[order]
         if not callable(order):
             raise BadArgumentError(
@@ -297,11 +359,11 @@ class LeaseTable:
             )
         if where is not None and not callable(where):
             raise BadArgumentError(f"revoke: where must be a predicate over LeaseInfo, got {type(where).__name__}")
-        leases = self._native.leases()
+        live = self._native.leases()
         if where is not None:
-            leases = [info for info in leases if where(info)]
-        ranked = sorted(leases, key=order)
-        return self._native.revoke_in_order(num_blocks, [info.lease_id for info in ranked])
+            live = [info for info in live if where(info)]
+        ranked = sorted(live, key=order)
+        return self._native.revoke_in_order(blocks, leases, [info.lease_id for info in ranked])
 
     def release_all(self) -> int:
         """Drops every lease; returns how many."""
@@ -351,6 +413,6 @@ class LeaseTable:
 
     def __repr__(self) -> str:
         return (
-            f"LeaseTable(leases={self._native.num_leases}, pinned={self._pool.num_pinned}, "
+            f"LeaseTable(leases={self._native.num_leases}, pinned={self._target.num_pinned}, "
             f"cap={self._native.pinned_share_cap})"
         )

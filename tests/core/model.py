@@ -230,6 +230,38 @@ class ModelPool:
         return sum(1 for p in self.pins if p > 0)
 
 
+class ModelEngineBlocks:
+    """Block ids an engine owns: pins are counted, nothing else is modelled.
+    ``unpin`` returns how many blocks no lease pins any more."""
+
+    def __init__(self, num_blocks: int):
+        self.capacity = num_blocks
+        self.pins = [0] * num_blocks
+
+    def ids(self, ids) -> list[int]:
+        if len(set(ids)) != len(ids):
+            raise BadArgumentError("duplicate id")
+        return list(ids)
+
+    def check_content(self, ids):
+        pass
+
+    def pin(self, ids):
+        for b in ids:
+            self.pins[b] += 1
+
+    def unpin(self, ids):
+        unpinned = 0
+        for b in ids:
+            self.pins[b] -= 1
+            unpinned += self.pins[b] == 0
+        return unpinned
+
+    @property
+    def num_pinned(self):
+        return sum(1 for p in self.pins if p > 0)
+
+
 @dataclass
 class ModelTable:
     pool: ModelPool
@@ -344,18 +376,21 @@ class ModelTable:
         "most_blocks": lambda l: (-len(l.blocks), -l.lease_id),
     }
 
-    def revoke(self, num_blocks, order="latest_granted"):
-        num_blocks = _as_int(num_blocks, "num_blocks")
+    def revoke(self, num_blocks=None, order="latest_granted", num_leases=None):
+        if num_blocks is None and num_leases is None:
+            raise BadArgumentError("revoke needs a target")
+        num_blocks = math.inf if num_blocks is None else _as_int(num_blocks, "num_blocks")
+        num_leases = math.inf if num_leases is None else _as_int(num_leases, "num_leases")
         if order not in self.ORDERS:
             raise BadArgumentError("order")
-        if num_blocks < 0:
+        if num_blocks < 0 or num_leases < 0:
             raise BadArgumentError("num_blocks")
-        if num_blocks == 0:
+        if num_blocks == 0 or num_leases == 0:
             return [], 0
         ranked = sorted(self.leases.values(), key=self.ORDERS[order])
         revoked, freed = [], 0
         for lease in ranked:
-            if freed >= num_blocks:
+            if freed >= num_blocks or len(revoked) >= num_leases:
                 break
             _, f = self._end(lease)
             revoked.append((lease, f))

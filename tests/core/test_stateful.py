@@ -236,9 +236,11 @@ class CoreMachine(RuleBasedStateMachine):
         )
         assert got == expected
 
-    @rule(n=st.integers(-1, 25), order=st.sampled_from(["latest_granted", "earliest_deadline", "lowest_priority", "most_blocks", "bogus"]))
-    def revoke(self, n, order):
-        got, expected, raised = self.both(lambda: self.table.revoke(n, order), lambda: self.mtable.revoke(n, order))
+    @rule(n=st.one_of(st.none(), st.integers(-1, 25)), k=st.one_of(st.none(), st.integers(-1, 4)),
+          order=st.sampled_from(["latest_granted", "earliest_deadline", "lowest_priority", "most_blocks", "bogus"]))
+    def revoke(self, n, k, order):
+        got, expected, raised = self.both(lambda: self.table.revoke(n, order, num_leases=k),
+                                          lambda: self.mtable.revoke(n, order, k))
         if raised:
             return
         revoked, freed = expected

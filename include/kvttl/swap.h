@@ -47,6 +47,10 @@ struct Layout {
 
 enum class Direction { kToHost, kToDevice, kDeviceToDevice };
 
+// How the CUDA backend moves a batch: one gather/scatter kernel, one
+// cudaMemcpyBatchAsync, or a cudaMemcpyAsync per fragment (vLLM's swap_blocks).
+enum class Method { kKernel, kBatchedMemcpy, kLoop };
+
 struct Pair {
   int32_t src;
   int32_t dst;

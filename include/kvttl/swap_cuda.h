@@ -11,7 +11,7 @@
 
 namespace kvttl::cuda {
 
-enum class Method { kKernel, kBatchedMemcpy, kLoop };
+using Method = swap::Method;
 
 // Mapped, portable pinned host memory (device-addressable under UVA).
 void* host_alloc_pinned(size_t bytes);

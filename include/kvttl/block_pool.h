@@ -4,30 +4,12 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <mutex>
 #include <unordered_map>
 #include <vector>
 
-#include "kvttl/errors.h"
+#include "kvttl/pin_target.h"
 
 namespace kvttl {
-
-using BlockId = int32_t;
-using BlockHash = uint64_t;
-
-// A borrowed, read-only run of values (C++17 has no std::span).
-template <typename T>
-struct Span {
-  const T* data = nullptr;
-  size_t size = 0;
-  const T* begin() const { return data; }
-  const T* end() const { return data + size; }
-  const T& operator[](size_t i) const { return data[i]; }
-};
-using IdSpan = Span<BlockId>;
-using HashSpan = Span<BlockHash>;
-
-class LeaseTable;
 
 // Every block is in exactly one of three states:
 //
@@ -62,11 +44,9 @@ class LeaseTable;
 // Thread safety: every public method takes the pool's mutex, so each call is
 // atomic; LeaseTable takes the same mutex, so a lease operation is atomic
 // with respect to the pool too.
-class BlockPool {
+class BlockPool final : public PinTarget {
  public:
   explicit BlockPool(int64_t num_blocks);
-  BlockPool(const BlockPool&) = delete;
-  BlockPool& operator=(const BlockPool&) = delete;
 
   // Takes n blocks from the head of the free queue (evicting cached blocks
   // once free ones run out), each with ref 1, written to out[0..n).
@@ -103,14 +83,11 @@ class BlockPool {
   // blocks whose content was dropped.
   int64_t evict(IdSpan ids);
 
-  int64_t capacity() const { return num_blocks_; }
   int64_t num_free() const;
   int64_t num_cached() const;
   int64_t num_referenced() const;
   int64_t num_evictable() const;  // free + cached: what allocate can take
-  int64_t num_pinned() const;     // blocks with at least one lease reference
   int32_t ref_count(int64_t id) const;
-  int32_t pin_count(int64_t id) const;
   bool block_hash(int64_t id, BlockHash* out) const;
 
   // Free queue from head to tail (for tests and debugging; O(capacity)).
@@ -120,8 +97,13 @@ class BlockPool {
   // O(capacity); for tests.
   void check_invariants() const;
 
+ protected:
+  void check_pinnable_locked(IdSpan ids, const char* what) const override;
+  int32_t pins_locked(BlockId id) const override { return blocks_[static_cast<size_t>(id)].pins; }
+  void pin_locked(IdSpan ids) override;
+  int64_t unpin_locked(const BlockId* ids, size_t n) override;
+
  private:
-  friend class LeaseTable;
   struct Block {
     int32_t ref = 0;
     int32_t pins = 0;
@@ -131,11 +113,9 @@ class BlockPool {
     bool hashed = false;
   };
 
-  // Validation shared by the batch calls: every id in range, none twice.
-  void check_ids(IdSpan ids, const char* what) const;
-  void check_range(IdSpan ids, const char* what) const;
-  uint32_t next_epoch() const;
   void check_has_content(IdSpan ids, const char* what) const;
+  // Refuses a batch that would take some block's count past int32.
+  void check_ref_room(IdSpan ids, const char* what) const;
   void unlink(BlockId id);
   void push_head(BlockId id);
   void push_tail(BlockId id);
@@ -144,21 +124,10 @@ class BlockPool {
   size_t lookup_prefix_locked(HashSpan hashes, BlockId* out) const;
   void add_ref_locked(IdSpan ids);
 
-  // Called by LeaseTable with the mutex held; inputs already validated.
-  void pin_locked(IdSpan ids);
-  int64_t unpin_locked(const BlockId* ids, size_t n);  // returns blocks released
-
-  int64_t num_blocks_;
-  std::vector<Block> blocks_;  // num_blocks_ + 1: the last is the queue sentinel
-  // Duplicate detection without allocation: a batch call stamps each id with
-  // a fresh epoch; an id already carrying the current epoch is a duplicate.
-  mutable std::vector<uint32_t> seen_;
-  mutable uint32_t epoch_ = 0;
+  std::vector<Block> blocks_;  // capacity_ + 1: the last is the queue sentinel
   int64_t queue_size_ = 0;
   int64_t num_cached_ = 0;
-  int64_t num_pinned_ = 0;
   std::unordered_map<BlockHash, BlockId> prefix_index_;
-  mutable std::mutex mu_;
 };
 
 }  // namespace kvttl

@@ -7,7 +7,7 @@
 #include <variant>
 #include <vector>
 
-#include "kvttl/block_pool.h"
+#include "kvttl/pin_target.h"
 
 namespace kvttl {
 
@@ -60,25 +60,28 @@ enum class RevokeOrder {
 // keeps the heap O(live leases) and the amortised cost per operation O(log n).
 // Lease ids grow monotonically, so "latest granted" is "highest id".
 //
-// A lease holds one reference on each of its blocks (BlockPool pins), so a
-// leased block is neither allocatable nor evictable, whatever the engine
-// does with its own references. A block may be covered by several leases.
+// A lease holds one pin on each of its blocks. Over a BlockPool a pin is a
+// reference, so a leased block is neither allocatable nor evictable whatever
+// the engine does with its own references; over EngineBlocks the engine holds
+// the memory and the pins are counted (see PinTarget). A block may be covered
+// by several leases.
 //
 // Time is never read here: every call that needs it takes `now` (seconds on
 // the caller's clock). The Python layer injects the clock.
 //
-// Thread safety: every method takes the pool's mutex; each call is atomic.
+// Thread safety: every method takes the target's mutex; each call is atomic.
+// One table per target: a second would count the first one's pins as its own.
 class LeaseTable {
  public:
-  // pinned_share_cap: the largest fraction of the pool's blocks that leases
-  // may pin, in [0, 1].
-  LeaseTable(BlockPool& pool, double pinned_share_cap);
+  // pinned_share_cap: the largest fraction of the target's blocks that
+  // leases may pin, in [0, 1].
+  LeaseTable(PinTarget& target, double pinned_share_cap);
   ~LeaseTable();
   LeaseTable(const LeaseTable&) = delete;
   LeaseTable& operator=(const LeaseTable&) = delete;
 
-  // Pins `blocks` for `owner` until now + ttl (ttl may be +inf). Blocks must
-  // be cached or referenced. An existing lease of the same owner is replaced:
+  // Pins `blocks` for `owner` until now + ttl (ttl may be +inf). Over a
+  // BlockPool the blocks must be cached or referenced. An existing lease of the same owner is replaced:
   // the new references are taken before the old ones are dropped. A grant
   // that would pin more than the cap allows is refused and changes nothing.
   GrantResult grant(const Owner& owner, IdSpan blocks, double now, double ttl,
@@ -103,12 +106,15 @@ class LeaseTable {
   bool demote(const Owner& owner, double now, double ttl, int64_t keep_blocks,
               int64_t* blocks_freed);
 
-  // Revokes leases in `order` until at least num_blocks blocks became free
-  // or cached through revocation, or no lease is left. A lease whose blocks
-  // are all still referenced by the engine is revoked too and frees nothing.
-  RevokeResult revoke(int64_t num_blocks, RevokeOrder order);
+  // Revokes leases in `order` until at least num_blocks blocks were freed
+  // (became free or cached in a BlockPool; pinned by no lease any more in
+  // EngineBlocks), max_leases leases were revoked, or none is left. A lease
+  // whose blocks are all still held elsewhere is revoked too and frees
+  // nothing.
+  RevokeResult revoke(int64_t num_blocks, int64_t max_leases, RevokeOrder order);
   // The same with the caller's order: lease ids, unknown ones skipped.
-  RevokeResult revoke_in_order(int64_t num_blocks, const std::vector<uint64_t>& lease_ids);
+  RevokeResult revoke_in_order(int64_t num_blocks, int64_t max_leases,
+                               const std::vector<uint64_t>& lease_ids);
 
   // Drops every lease (engine shutdown), in grant order. Returns how many.
   int64_t release_all();
@@ -120,7 +126,7 @@ class LeaseTable {
   std::vector<LeaseInfo> older_than(double now, double max_age) const;
 
   int64_t num_leases() const;
-  const BlockPool& pool() const { return pool_; }
+  const PinTarget& target() const { return target_; }
   double pinned_share_cap() const { return cap_; }
   int64_t max_pinned_blocks() const { return max_pinned_; }
   size_t heap_size() const;  // for tests of the lazy deletion
@@ -142,10 +148,11 @@ class LeaseTable {
   const Lease* find_locked(const Owner& owner) const;
   void push_deadline(const Lease& lease);
   LeaseInfo end_locked(uint64_t lease_id);  // unpins and erases
-  RevokeResult revoke_locked(int64_t num_blocks, const std::vector<uint64_t>& order);
+  RevokeResult revoke_locked(int64_t num_blocks, int64_t max_leases,
+                             const std::vector<uint64_t>& order);
   void maybe_compact_heap();
 
-  BlockPool& pool_;
+  PinTarget& target_;
   double cap_;
   int64_t max_pinned_;
   uint64_t next_id_ = 1;
