@@ -22,7 +22,7 @@ from kvttl.policy.order import (
 )
 from kvttl.policy.registry import (
     DEFAULT_POLICIES,
-    InferCeptTTL,
+    OFFLOAD_MODES,
     SchedulingPolicy,
     get_policy,
     policy_names,
@@ -33,6 +33,7 @@ from kvttl.policy.ttl import (
     ContinuumPreviewTTL,
     ContinuumTTL,
     FixedTTL,
+    InferCeptTTL,
     NeverPin,
     TTLPolicy,
     TurnContext,
@@ -44,7 +45,7 @@ __all__ = [
     "MAX_TTL_S", "TurnHints", "parse_ttl", "parse_turn_hints", "tool_from_output",
     "QUEUE_ORDERS", "QueueEntry", "latest_program_first", "least_attained_service",
     "program_fcfs", "request_fcfs",
-    "DEFAULT_POLICIES", "InferCeptTTL", "SchedulingPolicy", "get_policy",
+    "DEFAULT_POLICIES", "OFFLOAD_MODES", "InferCeptTTL", "SchedulingPolicy", "get_policy",
     "policy_names", "register_policy", "ReloadModel",
     "ContinuumPreviewTTL", "ContinuumTTL", "FixedTTL", "NeverPin", "TTLPolicy", "TurnContext",
     "continuum_tau",

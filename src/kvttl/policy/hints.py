@@ -37,7 +37,10 @@ def parse_ttl(hint: str | int | float) -> float:
     if isinstance(hint, bool):
         raise BadArgumentError(f"ttl hint must be a duration like '30s', '5m', '1h', got {hint!r}")
     if isinstance(hint, (int, float)):
-        seconds = float(hint)
+        try:
+            seconds = float(hint)
+        except OverflowError:
+            raise BadArgumentError(f"ttl hint {str(hint)[:24]}... is too large; the maximum is {MAX_TTL_S:g} s") from None
     elif isinstance(hint, str):
         match = _PATTERN.match(hint)
         if not match:
@@ -66,6 +69,19 @@ class TurnHints:
     warnings: tuple[str, ...] = ()
 
 
+#: Byte caps on client-chosen names: every table that holds them stays small.
+MAX_PROGRAM_ID_BYTES = 256
+MAX_TOOL_BYTES = 128
+
+
+def _utf8_len(text: str) -> float:
+    """Bytes of ``text`` as UTF-8; infinite when it has none (a lone surrogate)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return float("inf")
+
+
 def _truthy(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
@@ -90,6 +106,9 @@ def parse_turn_hints(payload: Mapping | None) -> TurnHints | None:
         raise BadArgumentError("program_id must be a non-empty str or an int, got an empty string")
     if isinstance(program, int) and not -(2**63) <= program < 2**63:
         raise BadArgumentError(f"program_id {program!r} does not fit in 64 bits")
+    if isinstance(program, str) and _utf8_len(program) > MAX_PROGRAM_ID_BYTES:
+        raise BadArgumentError(f"program_id must be valid UTF-8 of at most {MAX_PROGRAM_ID_BYTES} bytes, "
+                               f"got {program[:32]!r}... ({len(program)} characters)")
     warnings = []
     ttl = None
     if payload.get("ttl") is not None:
@@ -100,6 +119,9 @@ def parse_turn_hints(payload: Mapping | None) -> TurnHints | None:
     tool = payload.get("tool")
     if tool is not None and not isinstance(tool, str):
         warnings.append(f"tool ignored: must be a str, got {type(tool).__name__}")
+        tool = None
+    elif tool is not None and _utf8_len(tool) > MAX_TOOL_BYTES:
+        warnings.append(f"tool ignored: must be valid UTF-8 of at most {MAX_TOOL_BYTES} bytes")
         tool = None
     return TurnHints(program_id=program, tool=tool or "", last_turn=_truthy(payload.get("last_turn", False)),
                      ttl_s=ttl, warnings=tuple(warnings))

@@ -6,7 +6,6 @@ order and an offload mode, bundled under the names users compare.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import attrs
@@ -21,34 +20,50 @@ from kvttl.policy.order import (
     program_fcfs,
     request_fcfs,
 )
-from kvttl.policy.ttl import ContinuumPreviewTTL, ContinuumTTL, FixedTTL, NeverPin, TTLPolicy, TurnContext
+from kvttl.policy.ttl import ContinuumPreviewTTL, ContinuumTTL, FixedTTL, InferCeptTTL, NeverPin, TTLPolicy
 
 __all__ = [
     "SchedulingPolicy",
-    "InferCeptTTL",
+    "OFFLOAD_MODES",
     "register_policy",
     "get_policy",
     "policy_names",
     "DEFAULT_POLICIES",
 ]
 
-#: What happens to KV blocks on the host tier (when the engine has one):
-#: "none" -- never copied; "on_finish" -- every finished request's blocks are
-#: copied (vLLM + LMCache); "on_unpin" -- a lease's blocks are copied when it
-#: expires or is revoked, instead of simply becoming evictable.
-OFFLOAD_MODES = ("none", "on_finish", "on_unpin")
+#: When KV blocks go to the host tier (when the engine has one):
+#: "none" -- never; "on_finish" -- every finished non-final turn (vLLM +
+#: LMCache); "on_unpin" -- a lease's blocks when it expires or is revoked,
+#: and a turn that is not pinned as it finishes; "per_turn" -- as each turn
+#: finishes, when the TTL policy's ``offload(turn)`` says so (InferCept's swap).
+#: In every mode but "none" the TTL policy's ``offload(turn)`` may add a copy.
+OFFLOAD_MODES = ("none", "on_finish", "on_unpin", "per_turn")
+
+
+def _is_ttl_policy(instance, attribute, value):
+    if not isinstance(value, TTLPolicy):
+        missing = [m for m in ("name", "ttl", "offload", "on_tool_return", "on_admitted", "on_program_finished")
+                   if not hasattr(value, m)]
+        raise BadArgumentError(f"{type(value).__name__} is not a TTL policy: it lacks {', '.join(missing)}; "
+                               "subclass kvttl.policy.TTLPolicy to get the defaults")
 
 
 @attrs.frozen(kw_only=True)
 class SchedulingPolicy:
+    """Every decision of one named policy. The engine kit (``kvttl.kit``)
+    reads each field at the moment it names, in every integration alike."""
+
     name: str
     description: str
-    ttl: TTLPolicy
+    #: how long to pin a finished turn, and whether to copy it out (``offload()``)
+    ttl: TTLPolicy = attrs.field(validator=_is_ttl_policy)
+    #: the waiting queue's sort key, whenever the engine sorts it
     queue_order: QueueOrder
-    #: None: the core's default (latest granted first)
+    #: which lease goes first under memory pressure; None: the core's
+    #: default (latest granted first)
     revocation: RevocationOrder | None = None
+    #: when blocks go to the host tier, if the engine has one (OFFLOAD_MODES)
     offload: str = attrs.field(default="none", validator=attrs.validators.in_(OFFLOAD_MODES))
-    pinned_share_cap: float = 1.0
     #: programs with a lease keep it while their next turn waits in the queue
     hold_while_waiting: bool = True
     #: which leases a request short of blocks may revoke: "any", or
@@ -56,35 +71,6 @@ class SchedulingPolicy:
     #: (program-level FCFS applied to memory; the engine preempts instead).
     #: While nothing runs, any lease may go: pins never stop the engine.
     revokes: str = attrs.field(default="any", validator=attrs.validators.in_(("any", "later-programs")))
-
-
-class InferCeptTTL(ContinuumTTL):
-    """InferCept-style choice per interception: preserve, discard or swap,
-    whichever wastes the least memory x time.
-
-    - preserve: the context's tokens stay resident for the expected call time;
-    - discard:  recomputing it later stalls everything resident for the prefill time;
-    - swap:     moving it out and back stalls everything resident for the transfer time.
-
-    Preserve is a lease with no deadline (revocable under pressure); swap
-    copies the blocks to the host tier; discard frees them.
-    """
-
-    name = "infercept"
-
-    def _choice(self, turn: TurnContext) -> str:
-        expected = self.estimator.mean(turn.tool)
-        resident = max(turn.used_tokens, turn.num_tokens)
-        waste = {"preserve": expected * turn.num_tokens, "discard": turn.prefill_s * resident}
-        if turn.host_reload_s is not None:
-            waste["swap"] = 2 * turn.host_reload_s * resident
-        return min(waste, key=waste.get)
-
-    def ttl(self, turn: TurnContext) -> float:
-        return math.inf if self._choice(turn) == "preserve" else 0.0
-
-    def offload(self, turn: TurnContext) -> bool:
-        return self._choice(turn) == "swap"
 
 
 # ---- registry -----------------------------------------------------------------
@@ -143,7 +129,7 @@ register_policy("autellix", lambda **_: SchedulingPolicy(
     ttl=NeverPin(), queue_order=least_attained_service, hold_while_waiting=False))
 register_policy("infercept", lambda **_: SchedulingPolicy(
     name="infercept", description="InferCept: preserve / discard / swap per interception, request FCFS",
-    ttl=InferCeptTTL(), queue_order=request_fcfs))
+    ttl=InferCeptTTL(), queue_order=request_fcfs, offload="per_turn"))
 register_policy("continuum-preview", lambda **_: SchedulingPolicy(
     name="continuum-preview", description="released Continuum code: pin 2 s if the tool's mean <= 2 s, program FCFS",
     ttl=ContinuumPreviewTTL(), queue_order=program_fcfs, revocation=latest_program_first,

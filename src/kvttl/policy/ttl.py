@@ -1,9 +1,11 @@
 """TTL policies: how long to pin a finished turn's KV blocks.
 
-The engine (or the simulator, or an adapter) calls a policy at these points,
-and only these; every argument is a plain number or string:
+The engine kit (``kvttl.kit``, which every integration drives) calls a
+policy at these points, and only these; every argument is a plain number or
+string:
 
 - ``ttl(turn)``                 a non-final turn finished; return seconds to pin (0: don't)
+- ``offload(turn)``             the same turn: copy it to the host tier now? (default: no)
 - ``on_tool_return(tool, s)``   the program's next turn arrived ``s`` seconds after the finish
 - ``on_admitted(delay_s, evicted)``  a returning turn was scheduled after ``delay_s`` in queue;
                                 ``evicted``: its previous context was (partly) gone
@@ -28,6 +30,7 @@ __all__ = [
     "FixedTTL",
     "ContinuumPreviewTTL",
     "ContinuumTTL",
+    "InferCeptTTL",
     "continuum_tau",
 ]
 
@@ -64,31 +67,36 @@ class TurnContext:
 
 @runtime_checkable
 class TTLPolicy(Protocol):
+    """How long to pin a finished turn, and what to learn from the engine.
+
+    Subclass it to get the defaults: ``offload`` says no, and the ``on_*``
+    hooks learn nothing. Only ``ttl`` (and ``name``) must be written."""
+
     name: str
 
-    def ttl(self, turn: TurnContext) -> float: ...
+    def ttl(self, turn: TurnContext) -> float:
+        """Seconds to pin a finished, non-final turn (0: don't pin, inf: until
+        released or revoked)."""
+        ...
 
-    def on_tool_return(self, tool: str, duration_s: float) -> None: ...
-
-    def on_admitted(self, queue_delay_s: float, evicted: bool) -> None: ...
-
-    def on_program_finished(self, num_turns: int) -> None: ...
-
-
-class _Quiet:
-    """Hooks that learn nothing, for the policies that need none."""
+    def offload(self, turn: TurnContext) -> bool:
+        """Whether to copy this turn's blocks to the host tier as it finishes,
+        whatever the pin decision (InferCept's swap). Asked only when the
+        engine has a host tier."""
+        return False
 
     def on_tool_return(self, tool: str, duration_s: float) -> None:
-        pass
+        """The program's next turn arrived ``duration_s`` after this one finished."""
 
     def on_admitted(self, queue_delay_s: float, evicted: bool) -> None:
-        pass
+        """A returning turn was scheduled after ``queue_delay_s``; ``evicted``:
+        the device had lost part of its previous context."""
 
     def on_program_finished(self, num_turns: int) -> None:
-        pass
+        """A program sent its last turn, its ``num_turns``-th."""
 
 
-class NeverPin(_Quiet):
+class NeverPin(TTLPolicy):
     """Stock engines: free a finished request's blocks at once."""
 
     name = "never"
@@ -97,7 +105,7 @@ class NeverPin(_Quiet):
         return 0.0
 
 
-class FixedTTL(_Quiet):
+class FixedTTL(TTLPolicy):
     """Pin every non-final turn for the same time."""
 
     def __init__(self, ttl_s: float):
@@ -110,7 +118,7 @@ class FixedTTL(_Quiet):
         return self.ttl_s
 
 
-class ContinuumPreviewTTL:
+class ContinuumPreviewTTL(TTLPolicy):
     """The rule of the Continuum authors' released code (a vLLM 0.10.2 fork):
     pin for ``pin_s`` (2 s) when the tool's running mean duration is at most
     ``pin_s``; tools never seen before are pinned too."""
@@ -127,12 +135,6 @@ class ContinuumPreviewTTL:
 
     def on_tool_return(self, tool: str, duration_s: float) -> None:
         self.estimator.observe(tool, duration_s)
-
-    def on_admitted(self, queue_delay_s: float, evicted: bool) -> None:
-        pass
-
-    def on_program_finished(self, num_turns: int) -> None:
-        pass
 
 
 def continuum_tau(cdf: DurationCDF, value_s: float) -> float:
@@ -153,7 +155,7 @@ def continuum_tau(cdf: DurationCDF, value_s: float) -> float:
     return float(support[best]) if gain[best] > 0 else 0.0
 
 
-class ContinuumTTL:
+class ContinuumTTL(TTLPolicy):
     """tau* from the paper, with every term learned online.
 
     - F_f: ``ToolDurationEstimator`` (prior -> global -> per-tool CDF).
@@ -190,3 +192,32 @@ class ContinuumTTL:
 
     def on_program_finished(self, num_turns: int) -> None:
         self.correlation.add_program(num_turns)
+
+
+class InferCeptTTL(ContinuumTTL):
+    """InferCept-style choice per interception: preserve, discard or swap,
+    whichever wastes the least memory x time.
+
+    - preserve: the context's tokens stay resident for the expected call time;
+    - discard:  recomputing it later stalls everything resident for the prefill time;
+    - swap:     moving it out and back stalls everything resident for the transfer time.
+
+    Preserve is a lease with no deadline (revocable under pressure); swap
+    copies the blocks to the host tier; discard frees them.
+    """
+
+    name = "infercept"
+
+    def _choice(self, turn: TurnContext) -> str:
+        expected = self.estimator.mean(turn.tool)
+        resident = max(turn.used_tokens, turn.num_tokens)
+        waste = {"preserve": expected * turn.num_tokens, "discard": turn.prefill_s * resident}
+        if turn.host_reload_s is not None:
+            waste["swap"] = 2 * turn.host_reload_s * resident
+        return min(waste, key=waste.get)
+
+    def ttl(self, turn: TurnContext) -> float:
+        return math.inf if self._choice(turn) == "preserve" else 0.0
+
+    def offload(self, turn: TurnContext) -> bool:
+        return self._choice(turn) == "swap"

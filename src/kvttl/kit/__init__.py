@@ -1,0 +1,25 @@
+"""The engine kit: one engine-neutral program and lease lifecycle that every
+integration drives -- the vLLM and SGLang adapters, the simulator, and any
+engine of your own (see ``examples/``).
+
+- ``EngineKit``  programs, the turn lifecycle, grants, hand-over, expiry,
+  revocation in the policy's order, offload decisions, queue keys, counters
+- ``EngineHooks`` what an engine gives it: pin, unpin, copy out
+- ``KitConfig`` / ``load_config``  the settings, validated once for every adapter
+- ``read_hints`` / ``make_kv_hints``  the client's turn hints, one format everywhere
+
+It sits above ``kvttl.core`` and ``kvttl.policy`` and below everything that
+touches an engine; it imports neither torch nor an engine.
+"""
+
+from kvttl.kit.config import CONFIG_KEYS, KitConfig, load_config
+from kvttl.kit.hints import HINT_ACTION_TYPE, HINT_ACTION_VERSION, make_kv_hints, payload_from_envelope, read_hints
+from kvttl.kit.lifecycle import LEASE_EVENTS, REFUSAL_REASONS, EngineHooks, EngineKit, FinishOutcome, Turn
+from kvttl.kit.programs import Program, ProgramTable
+
+__all__ = [
+    "EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS",
+    "KitConfig", "load_config", "CONFIG_KEYS",
+    "HINT_ACTION_TYPE", "HINT_ACTION_VERSION", "make_kv_hints", "payload_from_envelope", "read_hints",
+    "Program", "ProgramTable",
+]

@@ -1,0 +1,114 @@
+"""The engine kit's settings, and the one loader every adapter uses for them.
+
+Adapters read their settings from wherever their engine keeps config (vLLM:
+``kv_connector_extra_config``; SGLang: ``$KVTTL_SGLANG_CONFIG``) and hand the
+mapping to :func:`load_config`, which fails at engine start, naming the key,
+on anything it cannot use.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from kvttl.errors import BadArgumentError
+from kvttl.policy import OFFLOAD_MODES, get_policy
+
+__all__ = ["KitConfig", "load_config", "CONFIG_KEYS"]
+
+logger = logging.getLogger("kvttl.kit")
+
+#: Old key -> the key it became; read with a warning.
+_RENAMED = {"ttl_policy": "policy"}
+
+
+@attrs.frozen(kw_only=True)
+class KitConfig:
+    #: the scheduling policy bundle (``kvttl info`` lists them; ``fixed:<ttl>`` works too)
+    policy: str = "continuum"
+    #: most of the engine's blocks that leases may pin at once, in [0, 1]
+    pinned_share_cap: float = 0.8
+    #: prefill rate behind Reload(r) until the engine measures its own
+    reload_tokens_per_s: float = 10_000.0
+    #: order the waiting queue by program (Continuum's program-level FCFS)
+    program_fcfs: bool = True
+    #: when to copy blocks to a host tier; None: the policy's choice, or
+    #: "on_unpin" when the engine has a host tier and the policy names none
+    offload: str | None = None
+    #: programs remembered between turns; idle ones beyond this are forgotten
+    max_programs: int = 65536
+    #: an idle program (no lease, no turn in flight) quiet this long is forgotten
+    forget_after_s: float = 3600.0
+    #: consecutive engine steps that schedule nothing, while leases hold
+    #: memory, before one lease is given back (pins never stall the engine)
+    stall_steps: int = 4
+
+
+CONFIG_KEYS = tuple(f.name for f in attrs.fields(KitConfig))
+
+
+def _number(source: str, key: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False,
+            integer: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    if ok and integer:
+        ok = isinstance(value, int) or float(value).is_integer()
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        if high != math.inf:
+            bound += f" and <= {high:g}"
+        raise BadArgumentError(f"{source}: {key} must be {kind} {bound}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def load_config(given: Mapping | None, *, source: str = "kvttl config",
+                extra_keys: tuple[str, ...] = ()) -> tuple[KitConfig, dict]:
+    """``(KitConfig, extras)`` from a mapping of settings. ``extra_keys`` are
+    the adapter's own (vLLM's host tier sizes), returned untouched in
+    ``extras`` for it to check. Unknown keys, bad values and unknown policies
+    raise BadArgumentError naming ``source`` and the key."""
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping):
+        raise BadArgumentError(f"{source} must be a mapping (a JSON object), got {type(given).__name__}")
+    values, extras = {}, {}
+    for key, value in given.items():
+        if key in _RENAMED:
+            new = _RENAMED[key]
+            if new in given:
+                raise BadArgumentError(f"{source}: give {new!r} or its old name {key!r}, not both")
+            logger.warning("%s: %r is now %r; the old name still works for now", source, key, new)
+            key = new
+        if key in CONFIG_KEYS:
+            values[key] = value
+        elif key in extra_keys:
+            extras[key] = value
+        else:
+            known = sorted(CONFIG_KEYS + tuple(extra_keys))
+            raise BadArgumentError(f"{source}: unknown key {key!r}; known: {', '.join(known)}")
+    if "policy" in values:
+        if not isinstance(values["policy"], str):
+            raise BadArgumentError(f"{source}: policy must be a policy name, got {values['policy']!r}")
+        get_policy(values["policy"])  # an unknown name fails here, listing the known ones
+    if "pinned_share_cap" in values:
+        values["pinned_share_cap"] = _number(source, "pinned_share_cap", values["pinned_share_cap"], low=0.0, high=1.0)
+    if "reload_tokens_per_s" in values:
+        values["reload_tokens_per_s"] = _number(source, "reload_tokens_per_s", values["reload_tokens_per_s"], low=0.0,
+                                                low_open=True)
+    if "program_fcfs" in values and not isinstance(values["program_fcfs"], bool):
+        raise BadArgumentError(f"{source}: program_fcfs must be true or false, got {values['program_fcfs']!r}")
+    if values.get("offload") is not None and values["offload"] not in OFFLOAD_MODES:
+        raise BadArgumentError(f"{source}: offload must be one of {', '.join(OFFLOAD_MODES)}, "
+                               f"got {values['offload']!r}")
+    if "max_programs" in values:
+        values["max_programs"] = _number(source, "max_programs", values["max_programs"], low=1, integer=True)
+    if "forget_after_s" in values:
+        values["forget_after_s"] = _number(source, "forget_after_s", values["forget_after_s"], low=0.0, low_open=True)
+    if "stall_steps" in values:
+        values["stall_steps"] = _number(source, "stall_steps", values["stall_steps"], low=1, integer=True)
+    return KitConfig(**values), extras

@@ -1,0 +1,446 @@
+"""EngineKit: the one place where Continuum's behaviour meets an engine.
+
+An engine reports five moments of a request's life; the kit does the rest
+(program records, TTLs, grants, hand-over, expiry, revocation in the
+policy's order, offload decisions, queue keys, counters)::
+
+    engine                                     kit
+    ------                                     ---
+    a request arrives ......................... arrived(key, hints)     -> the program returns from its tool
+    it gets its blocks (prefix hit known) ..... admitted(key, ...)      -> hand the old lease over
+    it finishes (or is aborted) ............... finished(key, ...)      -> TTL, grant, offload
+    every step ................................ tick() / step(...)      -> expiry; give a lease back on a stall
+    an allocation falls short ................. revoke(...)             -> leases go, in the policy's order
+    the waiting queue is sorted ............... queue_key(...)          -> program-level FCFS
+
+and gives the kit :class:`EngineHooks`: take or drop its own hold on a
+lease's blocks, copy blocks to its host tier. Requests without a program id
+never reach the kit beyond ``arrived`` returning None.
+
+Every method takes ``now`` (seconds on the kit's clock); without it the kit
+reads ``clock``. An engine whose ranks must agree on time (tensor parallel)
+passes an agreed ``now``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Hashable, NamedTuple, Protocol
+
+import kvttl
+from kvttl.errors import BadArgumentError
+from kvttl.kit.config import KitConfig
+from kvttl.kit.programs import Program, ProgramTable
+from kvttl.policy import QueueEntry, ReloadModel, SchedulingPolicy, TurnContext, TurnHints, get_policy
+
+__all__ = ["EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS"]
+
+#: Lease events the kit counts (``EngineKit.stats``), with the same names in every engine's metrics.
+LEASE_EVENTS = ("granted", "refused", "hit", "expired", "revoked", "released")
+
+#: Why a finished turn holds no lease (``FinishOutcome.reason``).
+REFUSAL_REASONS = ("policy", "cap", "no_blocks", "last_turn", "aborted")
+
+#: Kit seconds between sweeps for quiet idle programs, at most (a quarter of
+#: config.forget_after_s when that is shorter).
+_SWEEP_EVERY_S = 60.0
+
+
+class EngineHooks(Protocol):
+    """What an engine gives the kit. Each is called at one moment only.
+
+    ``ref`` is whatever the engine passed as ``pin_ref`` to
+    :meth:`EngineKit.finished` (vLLM: the request's block objects; SGLang:
+    the radix-tree node the turn ended on); the kit never looks inside it.
+    """
+
+    def pin(self, ref) -> object:
+        """A lease was granted on a finished turn: take the engine's own hold
+        on its blocks (vLLM: one more block reference; SGLang: a tree lock),
+        so they survive the request's release. Returns the handle the kit
+        gives back to :meth:`unpin`. An engine whose blocks are a kvttl
+        BlockPool handed to the kit holds nothing here (the lease's
+        references are in that pool) and returns ``ref``."""
+
+    def unpin(self, handle, *, reason: str, copy_out: bool) -> None:
+        """A lease ended -- ``reason`` is "expired", "revoked" or "released"
+        (a hand-over, a last turn, an abort, shutdown): drop the hold taken by
+        :meth:`pin`. With ``copy_out`` (asked only of an engine with a host
+        tier), copy the blocks to the host tier before they can be evicted."""
+
+    def copy_out(self, ref) -> None:
+        """A finished turn's blocks go to the host tier now (asked only of an
+        engine with a host tier, as the turn finishes)."""
+
+
+class Turn:
+    """The kit's record of one request in flight, from arrival to finish."""
+
+    __slots__ = ("program", "hints", "index", "arrived_at", "prompt_tokens", "admitted_at", "service_reported")
+
+    def __init__(self, program: Program, hints: TurnHints, index: int, arrived_at: float, prompt_tokens):
+        self.program = program
+        self.hints = hints
+        self.index = index  # 0-based turn index within the program
+        self.arrived_at = arrived_at
+        self.prompt_tokens = prompt_tokens
+        self.admitted_at: float | None = None
+        self.service_reported = False
+
+    def add_service(self, seconds: float) -> None:
+        """Engine seconds this turn just received (its share of a step), for
+        attained-service orders (Autellix). Engines that never call this are
+        charged the turn's time from admission to finish."""
+        self.program.attained_s += seconds
+        self.service_reported = True
+
+
+class FinishOutcome(NamedTuple):
+    """What became of a finished turn."""
+
+    #: the turn's blocks are pinned under a lease
+    granted: bool
+    #: why not, when not: one of REFUSAL_REASONS ("" when granted)
+    reason: str = ""
+    #: the TTL the policy chose (0 when it chose none)
+    ttl_s: float = 0.0
+    lease_id: int = 0
+    num_blocks: int = 0
+    #: the blocks were also copied to the host tier
+    copied_out: bool = False
+    #: the tool the turn called
+    tool: str = ""
+
+
+_HELD = object()  # stands for a hold whose engine handle is None
+
+
+class EngineKit:
+    """Programs, leases and the turn lifecycle for one engine.
+
+    ``num_blocks`` and ``block_size`` describe the engine's KV memory. With
+    ``pool`` (a kvttl ``BlockPool`` the engine allocates from) a lease holds
+    real references in it; without, the kit counts pins over the engine's own
+    block ids (``LeaseTable.for_engine_blocks``) and the engine holds the
+    memory through :class:`EngineHooks`.
+
+    ``policy`` overrides ``config.policy`` with a bundle already built (the
+    simulator's, with its engine facts). ``reload`` is Reload(r); by default
+    linear at ``config.reload_tokens_per_s``. ``has_host_tier``: the engine
+    can copy blocks out and back (:meth:`EngineHooks.copy_out`).
+    """
+
+    def __init__(self, hooks: EngineHooks, *, num_blocks: int, block_size: int, config: KitConfig | None = None,
+                 policy: SchedulingPolicy | None = None, pool: kvttl.BlockPool | None = None,
+                 clock: Callable[[], float] = time.monotonic, has_host_tier: bool = False,
+                 reload: ReloadModel | None = None):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise BadArgumentError(f"EngineKit: block_size must be a positive int, got {block_size!r}")
+        self.config = config or KitConfig()
+        self.hooks = hooks
+        self.block_size = block_size
+        self.clock = clock
+        self.reload = reload or ReloadModel(b=1.0 / self.config.reload_tokens_per_s)
+        self.policy = policy or get_policy(self.config.policy, capacity_blocks=num_blocks, reload=self.reload)
+        if pool is not None:
+            if pool.capacity != num_blocks:
+                raise BadArgumentError(f"EngineKit: the pool has {pool.capacity} blocks, num_blocks says {num_blocks}")
+            self.table = kvttl.LeaseTable(pool, pinned_share_cap=self.config.pinned_share_cap, clock=clock)
+        else:
+            self.table = kvttl.LeaseTable.for_engine_blocks(num_blocks, pinned_share_cap=self.config.pinned_share_cap,
+                                                            clock=clock)
+        self.num_blocks = num_blocks
+        self.has_host_tier = has_host_tier
+        self.offload_mode = self._offload_mode()
+        self.programs = ProgramTable(max_programs=self.config.max_programs,
+                                     forget_after_s=self.config.forget_after_s)
+        self._turns: dict[Hashable, Turn] = {}
+        self._revocation = self.policy.revocation
+        self._empty_steps = 0
+        self._sweep_every = min(_SWEEP_EVERY_S, self.config.forget_after_s / 4)
+        self._next_sweep = -math.inf
+        self.stats = dict.fromkeys(LEASE_EVENTS, 0)
+
+    def _offload_mode(self) -> str:
+        if not self.has_host_tier:
+            return "none"
+        if self.config.offload is not None:
+            return self.config.offload
+        # A host tier the operator configured is meant to be used.
+        return self.policy.offload if self.policy.offload != "none" else "on_unpin"
+
+    def _now(self, now: float | None) -> float:
+        return self.clock() if now is None else now
+
+    # ---- the lifecycle ---------------------------------------------------------------
+    def arrived(self, key: Hashable, hints: TurnHints | None, *, prompt_tokens: int | None = None,
+                arrival: float | None = None, now: float | None = None) -> Turn | None:
+        """A request entered the engine. ``hints`` None (no program id): the
+        normal path, nothing is recorded. ``arrival`` is the request's stamp
+        on the engine's queue clock (default ``now``): a new program's first
+        arrival, the program-FCFS key. ``prompt_tokens`` shorter than the
+        program's last context marks a fresh context (a compaction)."""
+        if hints is None:
+            return None
+        now = self._now(now)
+        program_id = hints.program_id
+        program = self.programs.get(program_id)
+        if program is None:
+            program = self.programs.add(program_id, now if arrival is None else arrival, now)
+        else:
+            self.programs.touch(program, now)
+            if program.finished_at is not None and program.in_flight == 0:
+                self.policy.ttl.on_tool_return(program.tool, max(0.0, now - program.finished_at))
+            if program.pin is not None:
+                self.stats["hit"] += 1
+                if self.policy.hold_while_waiting:
+                    self.table.renew(program_id, math.inf, now=now)  # no expiry while its turn waits
+            if prompt_tokens is not None and prompt_tokens < program.context_tokens:
+                program.context_tokens = 0  # compaction: nothing of the old context is this turn's
+        turn = Turn(program, hints, program.num_turns, now, prompt_tokens)
+        if key in self._turns:  # the engine reused a key: the old turn is gone
+            self.finished(key, blocks=(), num_tokens=0, free_blocks=self.num_blocks, aborted=True, now=now)
+        program.in_flight += 1
+        self._turns[key] = turn
+        return turn
+
+    def admitted(self, key: Hashable, *, device_hit_tokens: int, now: float | None = None) -> None:
+        """The request got its blocks, ``device_hit_tokens`` of its prompt
+        found in the engine's device cache (a host-tier reload does not
+        count: the pin's job was to avoid it). The first admission of a
+        returning turn tells the policy its queueing delay and whether its
+        context was lost, then the program's old lease is handed over: the
+        turn holds its own references now. Later admissions (after a
+        preemption) change nothing."""
+        turn = self._turns.get(key)
+        if turn is None or turn.admitted_at is not None:
+            return
+        now = self._now(now)
+        turn.admitted_at = now
+        program = turn.program
+        if turn.index > 0:
+            previous = program.context_tokens - 1  # its last token has no KV yet
+            if turn.prompt_tokens is not None:
+                previous = min(previous, turn.prompt_tokens)
+            kept = previous // self.block_size * self.block_size
+            self.policy.ttl.on_admitted(now - turn.arrived_at, device_hit_tokens < kept)
+        if program.pin is not None:
+            self.table.release(program.program_id)
+            self._lease_gone(program, "released")
+
+    def finished(self, key: Hashable, *, blocks, num_tokens: int, free_blocks: int, pin_ref=None,
+                 tool: str | None = None, aborted: bool = False, now: float | None = None) -> FinishOutcome | None:
+        """The request finished. ``blocks``: the ids of its full blocks, in
+        order, that a lease would pin; ``num_tokens``: its context (prompt +
+        output); ``free_blocks``: what the engine could allocate right now;
+        ``pin_ref``: what :meth:`EngineHooks.pin` and ``copy_out`` get;
+        ``tool``: the tool, when the engine read it from the output and the
+        client did not say. None for a request the kit does not know."""
+        turn = self._turns.pop(key, None)
+        if turn is None:
+            return None
+        now = self._now(now)
+        program, hints = turn.program, turn.hints
+        program_id = program.program_id
+        program.in_flight -= 1
+        program.num_turns += 1
+        self.programs.touch(program, now)
+        if turn.admitted_at is not None and not turn.service_reported:
+            program.attained_s += now - turn.admitted_at
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_every
+            self.programs.forget_idle(now)
+        tool = hints.tool or tool or ""
+        if hints.last_turn or aborted:
+            if program.pin is not None:
+                self.table.release(program_id)
+                self._lease_gone(program, "released")
+            if hints.last_turn and not aborted:
+                self.policy.ttl.on_program_finished(program.num_turns)
+            if program.in_flight == 0:
+                self.programs.remove(program_id)
+            return FinishOutcome(False, "aborted" if aborted else "last_turn", tool=tool)
+        program.finished_at, program.tool, program.context_tokens = now, tool, num_tokens
+        num_blocks = len(blocks)
+        bs = self.block_size
+        context = TurnContext(
+            program_id=program_id, tool=tool, turn_index=turn.index, num_tokens=num_tokens, num_blocks=num_blocks,
+            prefill_s=self.reload.prefill_s(num_tokens),
+            host_reload_s=self.reload.host_reload_s(num_tokens) if self.has_host_tier else None,
+            hint_ttl_s=hints.ttl_s, free_fraction=free_blocks / self.num_blocks,
+            used_tokens=(self.num_blocks - free_blocks) * bs)
+        ttl = self.policy.ttl.ttl(context)
+        granted, reason, lease_id = False, "policy", 0
+        if ttl > 0 and num_blocks:
+            grant = self.table.grant(program_id, blocks, ttl, tool=tool, num_tokens=num_tokens,
+                                     priority=program.first_arrival, now=now)
+            if grant.granted:
+                granted, reason, lease_id = True, "", grant.lease_id
+                self._pinned(program, pin_ref)
+            else:
+                reason = "cap"
+            self.stats["granted" if granted else "refused"] += 1
+        elif ttl > 0:
+            reason = "no_blocks"
+        if not granted and program.pin is not None:  # a newer turn supersedes the pinned one
+            self.table.release(program_id)
+            self._lease_gone(program, "released")
+        mode = self.offload_mode
+        copied = mode != "none" and (mode == "on_finish" or (mode == "on_unpin" and not granted)
+                                     or self.policy.ttl.offload(context))
+        if copied and num_blocks:
+            self.hooks.copy_out(pin_ref)
+        return FinishOutcome(granted, reason, float(ttl), lease_id, num_blocks if granted else 0,
+                             copied and bool(num_blocks), tool)
+
+    def _pinned(self, program: Program, pin_ref) -> None:
+        """The table granted (and replaced any older lease of the program):
+        the engine's new hold first, then the old one goes."""
+        try:
+            handle = self.hooks.pin(pin_ref)
+        except BaseException:
+            self.table.release(program.program_id)  # the grant must not outlive a failed hold
+            if program.pin is not None:
+                self._lease_gone(program, "released")
+            raise
+        old, program.pin = program.pin, _HELD if handle is None else handle
+        if old is not None:
+            self.hooks.unpin(None if old is _HELD else old, reason="released", copy_out=False)
+            self.stats["released"] += 1
+
+    def _lease_gone(self, program: Program, reason: str) -> None:
+        """The table's lease of the program ended: drop the engine's hold."""
+        handle, program.pin = program.pin, None
+        copy_out = reason != "released" and self.offload_mode == "on_unpin"
+        self.hooks.unpin(None if handle is _HELD else handle, reason=reason, copy_out=copy_out)
+        self.stats[reason] += 1
+
+    def _ended(self, leases, reason: str) -> None:
+        for lease in leases:
+            program = self.programs.get(lease.owner)
+            if program is not None and program.pin is not None:
+                self._lease_gone(program, reason)
+
+    # ---- every step --------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> list:
+        """Drops every lease whose deadline has passed (reads no clock when
+        there is none). Returns the expired leases."""
+        if not self.table.num_leases:
+            return []
+        expired = self.table.expire(self._now(now))
+        self._ended(expired, "expired")
+        return expired
+
+    def step(self, *, scheduled: bool) -> int:
+        """One engine step ended; ``scheduled``: it ran any work. Pins never
+        stall the engine: after ``config.stall_steps`` empty steps in a row
+        while leases hold memory, one lease is given back. Returns how many
+        leases went."""
+        if scheduled or not self.table.num_leases:
+            self._empty_steps = 0
+            return 0
+        self._empty_steps += 1
+        if self._empty_steps < self.config.stall_steps:
+            return 0
+        self._empty_steps = 0
+        return len(self.revoke(num_leases=1, idle=True))
+
+    def revoke(self, *, num_leases: int | None = None, num_blocks: int | None = None,
+               requester: Hashable | None = None, arrival: float | None = None, idle: bool = False,
+               now: float | None = None) -> list:
+        """Memory pressure: revokes leases in the policy's revocation order
+        until ``num_blocks`` blocks were freed or ``num_leases`` leases went.
+
+        ``requester`` is the key of the turn that is short, or None (unknown,
+        or a request without a program, then stamped ``arrival`` on the queue
+        clock). A turn never loses its own program's lease. Under a
+        "later-programs" policy the requester may take only the leases of
+        programs that arrived after its own (after ``arrival``) -- unless
+        ``idle`` (nothing runs), when any lease may go: pins never stop the
+        engine. Returns the revoked leases."""
+        if not self.table.num_leases:
+            return []
+        turn = self._turns.get(requester) if requester is not None else None
+        own, mine = (turn.program.program_id, turn.program.first_arrival) if turn is not None else (None, arrival)
+        where = None
+        if self.policy.revokes == "later-programs" and not idle and mine is not None:
+            where = lambda lease: lease.priority > mine  # noqa: E731  (its own program: equal, excluded)
+        elif turn is not None:
+            where = lambda lease: lease.owner != own  # noqa: E731
+        order = self._revocation
+        if order is None:
+            key = "latest_granted"
+        else:
+            at = self._now(now)
+            key = lambda lease: order(lease, at)  # noqa: E731
+        result = self.table.revoke(num_blocks, key, num_leases=num_leases, where=where)
+        self._ended(result.revoked, "revoked")
+        return result.revoked
+
+    # ---- the waiting queue ---------------------------------------------------------------
+    def queue_key(self, program_id: Hashable | None, request_arrival: float) -> tuple:
+        """The policy's sort key for a waiting request (smallest first).
+        Requests without a program are programs of one turn."""
+        program = self.programs.get(program_id) if program_id is not None else None
+        if program is None:
+            return self.policy.queue_order(QueueEntry(request_arrival, request_arrival, False, 0.0))
+        return self.policy.queue_order(QueueEntry(request_arrival, program.first_arrival, program.pin is not None,
+                                                  program.attained_s))
+
+    @property
+    def orders_queue(self) -> bool:
+        """Whether the engine should sort its queue with queue_key."""
+        return self.config.program_fcfs
+
+    # ---- introspection and teardown ---------------------------------------------------------
+    def turn(self, key: Hashable) -> Turn | None:
+        return self._turns.get(key)
+
+    def has_lease(self, program_id: Hashable) -> bool:
+        program = self.programs.get(program_id)
+        return program is not None and program.pin is not None
+
+    def lease_of(self, program_id: Hashable):
+        return self.table.get(program_id)
+
+    def leases(self) -> list:
+        return self.table.leases()
+
+    @property
+    def num_leases(self) -> int:
+        return self.table.num_leases
+
+    @property
+    def num_pinned(self) -> int:
+        """Blocks at least one lease pins."""
+        return self.table.num_pinned
+
+    @property
+    def num_turns_in_flight(self) -> int:
+        return len(self._turns)
+
+    def release_all(self) -> int:
+        """Every lease goes (engine shutdown); returns how many."""
+        held = [p for p in self.programs if p.pin is not None]
+        for program in held:
+            self.table.release(program.program_id)
+            self._lease_gone(program, "released")
+        return len(held)
+
+    def reset(self) -> None:
+        """The engine dropped its whole cache (and every hold with it): forget
+        every lease, turn and program without unpinning anything."""
+        self.table.release_all()
+        self._turns.clear()
+        self.programs = ProgramTable(max_programs=self.config.max_programs,
+                                     forget_after_s=self.config.forget_after_s)
+
+    def check_invariants(self) -> None:
+        """Raises AssertionError if the kit and its lease table disagree."""
+        self.table.check_invariants()
+        leased = {lease.owner for lease in self.table.leases()}
+        held = {p.program_id for p in self.programs if p.pin is not None}
+        assert leased == held, f"leases {sorted(map(str, leased))} but holds {sorted(map(str, held))}"
+        in_flight = sum(p.in_flight for p in self.programs)
+        assert in_flight == len(self._turns), f"{in_flight} turns counted in flight, {len(self._turns)} known"
