@@ -196,7 +196,7 @@ def test_every_policy_completes_every_turn_without_leaks(policy):
     # a program cannot finish before its tools have run
     for p, jct in zip(programs, result.jct_s):
         assert jct >= sum(t.tool_duration_s for t in p.turns)
-    assert sim.pool.num_referenced == 0 and sim.pool.num_pinned == 0 and sim.table.num_leases == 0
+    assert sim.pool.num_referenced == 0 and sim.pool.num_pinned == 0 and sim.kit.num_leases == 0
     sim.pool.check_invariants()
     summary = result.summary()
     assert 0 <= summary["prefix_hit_rate"] <= 1

@@ -1,8 +1,9 @@
 """A discrete-event model of one continuous-batching engine.
 
 It drives the *real* kvttl core (BlockPool for GPU blocks and, optionally,
-one for a host tier; LeaseTable for pins) and the real policies; only the
-GPU is modelled (kvttl.sim.cost). The scheduler follows vLLM V1:
+one for a host tier) and, through the engine kit (``kvttl.kit``), the same
+program and lease lifecycle the vLLM and SGLang adapters drive; only the GPU
+is modelled (kvttl.sim.cost). The scheduler follows vLLM V1:
 
 - every step has a token budget; running requests go first (one token per
   decode, a chunk per unfinished prefill), then waiting ones in queue order;
@@ -26,19 +27,22 @@ work are taken one at a time.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
-from typing import Callable
 
 import attrs
 import numpy as np
 
 import kvttl
 from kvttl.errors import BadArgumentError
-from kvttl.policy import QueueEntry, SchedulingPolicy, TurnContext, parse_ttl
+from kvttl.kit import EngineKit, KitConfig, payload_from_envelope, read_hints
+from kvttl.policy import SchedulingPolicy, TurnHints, parse_ttl
 from kvttl.sim.cost import CostModel
 from kvttl.sim.workload import Program
 
 __all__ = ["EngineConfig", "Simulator", "RunResult"]
+
+logger = logging.getLogger("kvttl.sim")
 
 _SHARED = 1 << 62  # hash namespace of the workload-wide shared prefix
 
@@ -60,12 +64,17 @@ class EngineConfig:
     num_gpu_blocks: int | None = None
     #: pinned host DRAM for KV, in GB; used by policies that offload
     host_tier_gb: float = 256.0
+    #: most of the GPU blocks that leases may pin: all of them, as in the
+    #: paper's system; revocation under pressure does the rest
+    pinned_share_cap: float = 1.0
 
 
 @attrs.define
 class _Req:
     prog: "_Prog"
     turn: int
+    key: int  # the kit's key for this request
+    program_key: object  # its program id in the kit, None for a request without one
     arrival: float
     prompt: int  # prompt tokens
     output: int  # output tokens to generate
@@ -77,6 +86,10 @@ class _Req:
     first_scheduled: float | None = None
     ready_at: float = 0.0  # a host reload in flight delays the first chunk
     admitted_seq: int = 0
+    kit_turn: object = None  # the kit's Turn: where this request's service is counted
+    cached_tokens: int | None = None  # prompt tokens the GPU cache held at first admission
+    outcome: object = None  # the kit's FinishOutcome
+    done: bool = False
 
 
 @attrs.define
@@ -84,10 +97,29 @@ class _Prog:
     program: Program
     epoch: int = 0
     context: int = 0  # tokens of the current context (prompt + output of the last turn)
-    finish_prev: float = 0.0
-    attained_s: float = 0.0
     finished_at: float | None = None
     turns_done: int = 0
+
+
+class _Hooks:
+    """What the simulated engine gives the kit (kvttl.kit.EngineHooks). A
+    lease's references live in the simulator's own BlockPool, so pinning
+    holds nothing more; the pin handle is the program, for its host copy."""
+
+    def __init__(self, sim: "Simulator"):
+        self.sim = sim
+
+    def pin(self, prog: _Prog) -> _Prog:
+        return prog
+
+    def unpin(self, prog: _Prog, *, reason: str, copy_out: bool) -> None:
+        if reason != "released":
+            self.sim.freed_version += 1  # an expiry or revocation may have freed blocks
+        if copy_out:
+            self.sim._offload(prog)
+
+    def copy_out(self, prog: _Prog) -> None:
+        self.sim._offload(prog)
 
 
 @attrs.define
@@ -136,28 +168,40 @@ class RunResult:
 
 
 class Simulator:
-    """Replays ``programs`` under ``policy`` on the engine ``cost`` models."""
+    """Replays ``programs`` under ``policy`` on the engine ``cost`` models.
+
+    ``Simulator.interactive(...)`` makes one with no programs, driven request
+    by request instead (``submit``, ``run_until``, ``abort``): the engine the
+    conformance suite drives next to vLLM, SGLang and the reference engine.
+    """
 
     def __init__(self, programs: list[Program], policy: SchedulingPolicy, cost: CostModel,
                  config: EngineConfig = EngineConfig(), *, jps: float = math.nan,
-                 max_sim_s: float = 1e7):
-        if not programs:
+                 max_sim_s: float = 1e7, kit_config: KitConfig | None = None):
+        self._replay = kit_config is None
+        if self._replay and not programs:
             raise BadArgumentError("nothing to simulate: no programs")
         self.cost, self.config, self.policy, self.jps = cost, config, policy, jps
         self.max_sim_s = max_sim_s
         bs = config.block_size
         self.num_blocks = config.num_gpu_blocks or cost.num_gpu_blocks(bs)
-        longest = max(max(t.prompt_tokens + t.output_tokens for t in p.turns) for p in programs)
+        longest = max((max(t.prompt_tokens + t.output_tokens for t in p.turns) for p in programs), default=0)
         if math.ceil(longest / bs) > self.num_blocks:
             raise BadArgumentError(
                 f"a turn of {longest} tokens needs {math.ceil(longest / bs)} blocks; the engine has {self.num_blocks}")
         self.now = 0.0
         self.pool = kvttl.BlockPool(self.num_blocks)
-        self.table = kvttl.LeaseTable(self.pool, pinned_share_cap=policy.pinned_share_cap, clock=lambda: self.now)
         self.reload = cost.reload_model(config.max_num_batched_tokens)
         host_blocks = int(config.host_tier_gb * 1e9 // (cost.model.kv_bytes_per_token * bs))
-        self.host = kvttl.BlockPool(host_blocks) if host_blocks > 0 and self._uses_host() else None
+        self.host = kvttl.BlockPool(host_blocks) if host_blocks > 0 and policy.offload != "none" else None
+        if kit_config is None:  # replayed programs always end with a last turn: none is forgotten
+            kit_config = KitConfig(pinned_share_cap=config.pinned_share_cap, forget_after_s=math.inf,
+                                   max_programs=max(len(programs), 1))
+        self.kit = EngineKit(_Hooks(self), num_blocks=self.num_blocks, block_size=bs, config=kit_config,
+                             policy=policy, pool=self.pool, clock=lambda: self.now,
+                             has_host_tier=self.host is not None, reload=self.reload)
         self.progs = [_Prog(program=p) for p in programs]
+        self._named: dict = {}  # interactive program name -> its _Prog
         self.events: list = []  # (time, seq, program index, turn index)
         self._seq = 0
         for i, p in enumerate(programs):
@@ -167,24 +211,14 @@ class Simulator:
         self.waiting_dirty = False
         self.running: list[_Req] = []
         self._admit_seq = 0
+        self._keys = 0
         self.freed_version = 0  # bumped whenever blocks may have become free
         self._blocked: tuple | None = None
         self._no_admit_once = False
-        self.revocation_key = self._revocation_key()
-        # counters
-        self.c = dict(prompt=0, cached=0, host=0, reprefill=0, prefilled=0, output=0, granted=0, refused=0,
-                      hit=0, expired=0, revoked=0, preempt=0, steps=0)
+        # counters (lease events are the kit's)
+        self.c = dict(prompt=0, cached=0, host=0, reprefill=0, prefilled=0, output=0, preempt=0, steps=0)
         self.pinned_block_s = 0.0
         self.queue_delays: list[float] = []
-
-    def _uses_host(self) -> bool:
-        return self.policy.offload != "none" or hasattr(self.policy.ttl, "offload")
-
-    def _revocation_key(self) -> Callable | str:
-        order = self.policy.revocation
-        if order is None:
-            return "latest_granted"
-        return lambda lease: order(lease, self.now)
 
     def _push(self, t: float, prog: int, turn: int) -> None:
         heapq.heappush(self.events, (t, self._seq, prog, turn))
@@ -215,21 +249,76 @@ class Simulator:
     # ---- arrivals -------------------------------------------------------------------
     def _arrive(self, pi: int, ti: int) -> None:
         prog = self.progs[pi]
-        turn = prog.program.turns[ti]
+        turns = prog.program.turns
+        turn = turns[ti]
         if turn.prompt_tokens < prog.context:  # compaction: a fresh context
             prog.epoch += 1
             prog.context = 0
-        req = _Req(prog=prog, turn=ti, arrival=self.now, prompt=turn.prompt_tokens, output=turn.output_tokens)
+        hints = TurnHints(program_id=prog.program.program_id, tool=turn.tool or "", last_turn=ti == len(turns) - 1,
+                          ttl_s=parse_ttl(turn.ttl_hint) if turn.ttl_hint else None)
+        self._enqueue(prog, ti, hints, turn.prompt_tokens, turn.output_tokens, arrival=prog.program.arrival_s)
+
+    def _enqueue(self, prog: _Prog, ti: int, hints, prompt: int, output: int, *, arrival: float) -> _Req:
+        self._keys += 1
+        req = _Req(prog=prog, turn=ti, key=self._keys, program_key=hints.program_id if hints else None,
+                   arrival=self.now, prompt=prompt, output=output)
         req.target = req.prompt
-        if ti > 0:
-            prev = prog.program.turns[ti - 1]
-            self.policy.ttl.on_tool_return(prev.tool or "", self.now - prog.finish_prev)
-            if self.table.get(pi) is not None:
-                self.c["hit"] += 1
-                if self.policy.hold_while_waiting:
-                    self.table.renew(pi, math.inf)  # never expires while its turn waits
+        req.kit_turn = self.kit.arrived(req.key, hints, prompt_tokens=prompt, arrival=arrival)
         self.waiting.append(req)
         self.waiting_dirty = True
+        return req
+
+    # ---- interactive use -------------------------------------------------------------
+    @classmethod
+    def interactive(cls, policy: SchedulingPolicy, cost: CostModel, config: EngineConfig = EngineConfig(), *,
+                    kit_config: KitConfig | None = None) -> "Simulator":
+        """An engine with no programs to replay: requests come from ``submit``."""
+        return cls([], policy, cost, config, kit_config=kit_config or KitConfig(
+            pinned_share_cap=config.pinned_share_cap))
+
+    def submit(self, prompt_tokens: int, output_tokens: int, *, program: str | int | None = None,
+               kv_hints=None) -> _Req:
+        """Interactive: a request arrives now. ``program`` names a context its
+        turns share (each prompt continues the previous one; a shorter one is
+        a fresh context); ``kv_hints`` is the client's envelope, read as the
+        adapters read it. Returns the request: ``cached_tokens``, ``outcome``
+        and ``done`` fill in as it runs."""
+        if self._replay:
+            raise BadArgumentError("submit needs an interactive simulator (Simulator.interactive)")
+        if math.ceil((prompt_tokens + output_tokens) / self.config.block_size) > self.num_blocks:
+            raise BadArgumentError(f"a turn of {prompt_tokens + output_tokens} tokens does not fit in "
+                                   f"{self.num_blocks} blocks")
+        prog = self._named.get(program) if program is not None else None
+        if prog is None:
+            prog = _Prog(program=Program(program_id=len(self.progs), arrival_s=self.now, turns=()))
+            self.progs.append(prog)
+            if program is not None:
+                self._named[program] = prog
+        if prompt_tokens < prog.context:  # compaction: a fresh context
+            prog.epoch += 1
+            prog.context = 0
+        hints = read_hints(payload_from_envelope(kv_hints), log=logger, request=f"sim-{self._keys + 1}")
+        req = self._enqueue(prog, prog.turns_done, hints, prompt_tokens, output_tokens, arrival=self.now)
+        self.waiting_dirty = True
+        return req
+
+    def abort(self, req: _Req) -> None:
+        """Interactive: the client went away; whatever the request holds goes."""
+        if req.done:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+            self._register_full(req)
+        req.outcome = self.kit.finished(req.key, blocks=(), num_tokens=0, free_blocks=self.pool.num_evictable,
+                                        aborted=True)
+        if req.blocks:
+            self.pool.drop_ref(req.blocks[::-1])
+            req.blocks = []
+        req.prog.turns_done += 1
+        req.done = True
+        self.freed_version += 1
 
     # ---- admission and block allocation ------------------------------------------------
     def _allocate(self, n: int, requester: _Req):
@@ -238,22 +327,10 @@ class Simulator:
         if n <= 0:
             return []
         ids = self.pool.allocate(n)
-        if ids is None and self.table.num_leases:
-            where = None
-            if self.running and self.policy.revokes == "later-programs":
-                mine = requester.prog.program.arrival_s
-                where = lambda lease: lease.priority > mine  # noqa: E731
-            result = self.table.revoke(n - self.pool.num_evictable, order=self.revocation_key, where=where)
-            for lease in result.revoked:
-                self._unpinned(lease, "revoked")
+        if ids is None and self.kit.num_leases:
+            self.kit.revoke(num_blocks=n - self.pool.num_evictable, requester=requester.key, idle=not self.running)
             ids = self.pool.allocate(n)
         return None if ids is None else ids.tolist()
-
-    def _unpinned(self, lease, why: str) -> None:
-        self.c[why] += 1
-        self.freed_version += 1
-        if self.policy.offload == "on_unpin":
-            self._offload(self.progs[lease.owner])
 
     def _register_full(self, req: _Req) -> None:
         full = min(req.computed // self.config.block_size, len(req.blocks))
@@ -282,7 +359,6 @@ class Simulator:
             if hit:
                 self.pool.drop_ref(hit[::-1])
             return None
-        self.table.release(prog.program.program_id)  # hand-over: own references first, then the lease
         req.blocks = hit + new
         req.hashed = len(hit)
         req.computed = computed
@@ -298,9 +374,11 @@ class Simulator:
             prev_blocks = min(prog.context - 1, req.prompt) // bs
             if req.turn > 0:
                 self.c["reprefill"] += max(0, prev_blocks - len(hit) - host_hit) * bs
-                # Evicted from the GPU, even if the host tier has a copy: the
-                # program lost its pin's priority and queued like new work.
-                self.policy.ttl.on_admitted(delay, evicted=len(hit) < prev_blocks)
+            # Its own references first, then the kit hands the lease over. A
+            # host reload does not count as a device hit: the program lost its
+            # pin's priority and queued like new work.
+            self.kit.admitted(req.key, device_hit_tokens=len(hit) * bs)
+            req.cached_tokens = len(hit) * bs
             self.c["prompt"] += req.prompt
             self.c["cached"] += min(req.prompt, len(hit) * bs)
             self.c["host"] += host_hit * bs
@@ -311,15 +389,8 @@ class Simulator:
     def _sorted_waiting(self) -> None:
         if not self.waiting_dirty:
             return
-        order = self.policy.queue_order
-        table = self.table
-
-        def key(r: _Req):
-            return order(QueueEntry(r.arrival, r.prog.program.arrival_s,
-                                    r.turn > 0 and table.get(r.prog.program.program_id) is not None,
-                                    r.prog.attained_s))
-
-        self.waiting.sort(key=key)
+        queue_key = self.kit.queue_key
+        self.waiting.sort(key=lambda r: queue_key(r.program_key, r.arrival))
         self.waiting_dirty = False
 
     # ---- the step ---------------------------------------------------------------------
@@ -360,44 +431,21 @@ class Simulator:
         self.freed_version += 1
         self._register_full(req)
         turns = prog.program.turns
-        turn = turns[req.turn]
+        turn = turns[req.turn] if self._replay else None
         prog.context = req.prompt + req.output
-        prog.finish_prev = self.now
-        pid = prog.program.program_id
-        last = req.turn == len(turns) - 1
-        if not last:
-            bs = self.config.block_size
-            ctx = TurnContext(
-                program_id=pid, tool=turn.tool or "", turn_index=req.turn, num_tokens=prog.context,
-                num_blocks=req.hashed, prefill_s=self.reload.prefill_s(prog.context),
-                host_reload_s=self.cost.host_reload_s(prog.context) if self.host is not None else None,
-                hint_ttl_s=parse_ttl(turn.ttl_hint) if turn.ttl_hint else None,
-                free_fraction=self.pool.num_evictable / self.num_blocks,
-                used_tokens=(self.num_blocks - self.pool.num_evictable) * bs,
-            )
-            ttl = self.policy.ttl.ttl(ctx)
-            granted = False
-            if ttl > 0 and req.hashed > 0:
-                grant = self.table.grant(pid, req.blocks[: req.hashed], ttl, tool=turn.tool or "",
-                                         num_tokens=prog.context, priority=prog.program.arrival_s)
-                granted = grant.granted
-                if grant.granted:
-                    self.c["granted"] += 1
-                    if not math.isinf(grant.deadline):
-                        heapq.heappush(self.deadlines, grant.deadline)
-                else:
-                    self.c["refused"] += 1
-            offload = getattr(self.policy.ttl, "offload", None)
-            # "on_unpin": a turn that is not pinned is unpinned at once.
-            if (self.policy.offload == "on_finish" or (self.policy.offload == "on_unpin" and not granted)
-                    or (offload is not None and offload(ctx))):
-                self._offload(prog)
-            self._push(self.now + turn.tool_duration_s, pid, req.turn + 1)
+        outcome = req.outcome = self.kit.finished(req.key, blocks=req.blocks[: req.hashed], num_tokens=prog.context,
+                                                  free_blocks=self.pool.num_evictable, pin_ref=prog)
+        if outcome is not None and outcome.granted and math.isfinite(outcome.ttl_s):
+            heapq.heappush(self.deadlines, self.now + outcome.ttl_s)
+        if not self._replay:
+            pass
+        elif req.turn < len(turns) - 1:
+            self._push(self.now + turn.tool_duration_s, prog.program.program_id, req.turn + 1)
         else:
             prog.finished_at = self.now
-            self.policy.ttl.on_program_finished(len(turns))
         self.pool.drop_ref(req.blocks[::-1])
         req.blocks = []
+        req.done = True
 
     def _step_time(self, chunks, decodes, k: int = 1) -> float:
         num_tokens = sum(c for _, c in chunks) + len(decodes)
@@ -418,18 +466,30 @@ class Simulator:
         return t
 
     def run(self) -> RunResult:
+        self.run_until(math.inf)
+        return self._result()
+
+    def run_until(self, t_end: float) -> None:
+        """Runs the engine until time ``t_end``, or, with ``t_end`` infinite,
+        until nothing is left to run or arrive."""
         cfg = self.config
         while True:
             while self.events and self.events[0][0] <= self.now:
                 _, _, pi, ti = heapq.heappop(self.events)
                 self._arrive(pi, ti)
-            for lease in self.table.expire():
-                self._unpinned(lease, "expired")
+            self.kit.tick()
             if not self.running and not self.waiting:
+                nxt = self.events[0][0] if self.events else math.inf
+                if nxt > t_end:  # idle to the end (finite only: otherwise nxt is finite)
+                    self._advance(t_end - self.now)
+                    self.kit.tick()
+                    return
                 if not self.events:
-                    break
-                self._advance(self.events[0][0] - self.now)
+                    return
+                self._advance(nxt - self.now)
                 continue
+            if self.now >= t_end:
+                return
             if self.now > self.max_sim_s:
                 raise RuntimeError(f"simulation ran past {self.max_sim_s} s: the engine is not making progress")
 
@@ -491,7 +551,8 @@ class Simulator:
             share = dt / max(1, len(chunks) + len(decodes))
             for r, c in chunks:
                 r.computed += c
-                r.prog.attained_s += share
+                if r.kit_turn is not None:
+                    r.kit_turn.add_service(share)
                 self.c["prefilled"] += c
                 if r.computed >= r.target:
                     r.generated += 1  # the last prefill step samples a token
@@ -500,12 +561,12 @@ class Simulator:
             for r in decodes:
                 r.computed += k
                 r.generated += k
-                r.prog.attained_s += share
+                if r.kit_turn is not None:
+                    r.kit_turn.add_service(share)
                 self.c["output"] += k
                 self._register_full(r)
             for r in [r for r in self.running if r.generated >= r.output]:
                 self._finish(r)
-        return self._result()
 
     def _fit_decode_span(self, decodes, k: int) -> int:
         """The largest k' <= k whose extra blocks the free queue can give
@@ -537,16 +598,16 @@ class Simulator:
         jct = np.array([p.finished_at - p.program.arrival_s for p in progs])
         first = min(p.program.arrival_s for p in progs)
         last = max(p.finished_at for p in progs)
-        self.table.release_all()
+        self.kit.release_all()
         if self.pool.num_referenced != 0:
             raise RuntimeError(f"simulator leaked {self.pool.num_referenced} GPU blocks")
-        c = self.c
+        c, leases = self.c, self.kit.stats
         return RunResult(
             policy=self.policy.name, jps=self.jps, num_programs=len(progs), jct_s=jct,
             turns=np.array([len(p.program.turns) for p in progs]), makespan_s=max(1e-9, last - first),
             prompt_tokens=c["prompt"], cached_tokens=c["cached"], host_reloaded_tokens=c["host"],
             reprefilled_tokens=c["reprefill"], prefilled_tokens=c["prefilled"], output_tokens=c["output"],
-            pinned_block_s=self.pinned_block_s, leases_granted=c["granted"], leases_refused=c["refused"],
-            leases_hit=c["hit"], leases_expired=c["expired"], leases_revoked=c["revoked"],
+            pinned_block_s=self.pinned_block_s, leases_granted=leases["granted"], leases_refused=leases["refused"],
+            leases_hit=leases["hit"], leases_expired=leases["expired"], leases_revoked=leases["revoked"],
             preemptions=c["preempt"], queue_delays_s=np.array(self.queue_delays), num_steps=c["steps"],
         )
