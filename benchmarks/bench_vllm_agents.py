@@ -49,7 +49,7 @@ def run_mode(args) -> dict:
     if args.mode == "kvttl":
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
-            kv_connector_extra_config={"ttl_policy": args.policy, "host_tier_blocks": args.host_tier_blocks})
+            kv_connector_extra_config={"policy": args.policy, "host_tier_blocks": args.host_tier_blocks})
         if args.program_fcfs:
             kw["scheduler_cls"] = "kvttl_vllm.scheduler.KvttlScheduler"
     llm = LLM(model=args.model, skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=4096,

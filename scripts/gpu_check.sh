@@ -17,5 +17,11 @@ export PYTHONUNBUFFERED=1
       python -m pytest -q -m gpu tests/swap -k "round_trip and kernel and 8192" 2>&1
   fi
   timeout 200 python benchmarks/bench_swap.py --json "$OUT/bench_swap.json" --repeats 5 2>&1
+  # vLLM with async scheduling (on by default on GPUs) under KvttlScheduler, where vLLM is installed
+  if python -c "import vllm" 2>/dev/null; then
+    timeout 120 python -m pytest -q tests/adapters/test_vllm_async.py tests/conformance -k vllm 2>&1
+  else
+    echo "vLLM is not installed here: the async-scheduling engine check did not run"
+  fi
   timeout 60 python benchmarks/bench_core.py --json "$OUT/bench_core.json" --repeats 5 --max-leases 1e5 2>&1
 } | tee "$OUT/gpu_check.log"

@@ -1,8 +1,56 @@
-"""Test-wide skipping rules: `gpu` tests run only where a CUDA device is usable."""
+"""Test-wide rules and fixtures: `gpu` tests run only where a CUDA device is
+usable; the engine tests (adapters, conformance) share one tiny model."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Before any test module imports an engine: vLLM's engine in this process (its
+# scheduler and pool are visible to the tests), a small CPU KV space, no downloads.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """2 layers, hidden 128, vocab 2048, bf16: loads in seconds on the CPU."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("tiny-llama")
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_with_tokenizer(tmp_path_factory) -> str:
+    """The same tiny Llama with a byte-level BPE tokenizer trained here on a few
+    agent-like lines and padded to the model's 2048 ids, so every id decodes."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    path = tmp_path_factory.mktemp("tiny-llama-tok")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    corpus = ["THOUGHT: run the tests first", "```bash\nls -la\n```", "cd /repo && python -m pytest -q",
+              '<tool_call>{"name": "web_search", "arguments": {}}</tool_call>'] * 20
+    bpe.train_from_iterator(corpus, tokenizers.trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<s>", "</s>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    fast.add_tokens([f"<pad{i}>" for i in range(2048 - len(fast))])
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096,
+                                   bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)
 
 
 def _cuda_unavailable_reason():

@@ -38,13 +38,13 @@ def engine(tiny_llama):
               disable_log_stats=False,  # vLLM's Prometheus logger: kvttl's metrics are read back from it
               kv_transfer_config=KVTransferConfig(
                   kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
-                  kv_connector_extra_config={"ttl_policy": "continuum", "pinned_share_cap": 0.8}))
+                  kv_connector_extra_config={"policy": "continuum", "pinned_share_cap": 0.8}))
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
     start = pool.get_num_free_blocks()
     yield llm, scheduler, pool
     # No leak: every lease and reference is gone once the traffic is.
-    assert scheduler.connector._table.num_leases == 0
+    assert scheduler.connector.kit.num_leases == 0
     assert pool.get_num_free_blocks() == start
 
 
@@ -78,7 +78,7 @@ def test_returning_turn_hits_its_whole_context_while_stock_re_prefills(engine):
     assert back_c.num_cached_tokens < BLOCK, "stock vLLM kept the context: the test has no eviction pressure"
     # the last turn is not pinned, and the old lease was handed over
     assert back_a.kv_transfer_params["kvttl"]["lease_granted"] is False
-    assert scheduler.connector._table.num_leases == 0
+    assert scheduler.connector.kit.num_leases == 0
 
 
 def test_an_expired_pin_frees_its_blocks(engine):
@@ -103,13 +103,13 @@ def test_pins_never_stall_the_engine(engine):
     for i in range(4):
         out = turn(llm, tokens(2000), program_id=f"crowd-{i}", tool="bash", ttl="5m")
         assert len(out.outputs[0].token_ids) == 16
-        assert connector._mirror.num_pinned <= connector._table.max_pinned_blocks
+        assert connector.kit.num_pinned <= connector.kit.table.max_pinned_blocks
     background(llm, 2)
     assert connector.stats["revoked"] > revoked
-    assert connector._table.num_leases <= 2  # 32 blocks of cap hold at most two 15-block leases
+    assert connector.kit.num_leases <= 2  # 32 blocks of cap hold at most two 15-block leases
     for i in range(4):  # the programs end: their last turns release what is left
         turn(llm, tokens(100), program_id=f"crowd-{i}", tool="bash", last_turn=True)
-    assert connector._table.num_leases == 0
+    assert connector.kit.num_leases == 0
 
 
 @pytest.mark.parametrize("hints", [
@@ -139,11 +139,11 @@ def test_an_aborted_turn_releases_and_is_not_pinned(engine):
     llm.llm_engine.add_request("abort-me", TokensPrompt(prompt_token_ids=next_prompt(first, out)),
                                SamplingParams(max_tokens=500, ignore_eos=True, extra_args=hints))
     llm.llm_engine.step()  # admitted: the old lease is handed over
-    assert scheduler.connector._table.num_leases == 0
+    assert scheduler.connector.kit.num_leases == 0
     llm.llm_engine.abort_request(["abort-me"])
     while llm.llm_engine.has_unfinished_requests():
         llm.llm_engine.step()
-    assert scheduler.connector._table.num_leases == 0 and pool.get_num_free_blocks() == before
+    assert scheduler.connector.kit.num_leases == 0 and pool.get_num_free_blocks() == before
 
 
 def test_lease_metrics_reach_vllms_prometheus_registry(engine):
@@ -161,3 +161,51 @@ def test_lease_metrics_reach_vllms_prometheus_registry(engine):
     metrics = {m.name: m for m in llm.get_metrics()}
     assert metrics["vllm:kvttl_leases_hit"].value >= 1
     assert metrics["vllm:kvttl_leases_released"].value >= 1
+
+
+def test_vllms_own_kv_hints_envelope_names_the_program(engine):
+    """The client format SGLang takes (kvttl.kit.make_kv_hints) works on vLLM
+    too, in vLLM's own KvHintsEnvelope (LLMEngine.add_request and
+    AsyncLLM.generate take it; LLM.generate does not in 0.32)."""
+    import msgspec
+    from vllm.v1.kv_hints import KvHintsEnvelope
+
+    from kvttl.kit import make_kv_hints
+
+    llm, scheduler, pool = engine
+    core = llm.llm_engine
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+    def run(rid, prompt, envelope):
+        core.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params,
+                         kv_hints=msgspec.convert(envelope, KvHintsEnvelope))
+        done = {}
+        while core.has_unfinished_requests():
+            done.update({o.request_id: o for o in core.step() if o.finished})
+        return done[rid]
+
+    first = tokens(1000)
+    out = run("envelope-1", first, make_kv_hints("agent-envelope", tool="bash", ttl="60s"))
+    assert out.kv_transfer_params["kvttl"]["lease_granted"]
+    assert scheduler.connector.kit.has_lease("agent-envelope")
+    last = run("envelope-2", next_prompt(first, out), make_kv_hints("agent-envelope", last_turn=True))
+    assert last.num_cached_tokens >= 7 * BLOCK
+    assert last.kv_transfer_params["kvttl"]["reason"] == "last_turn"
+    assert scheduler.connector.kit.num_leases == 0
+
+
+def test_a_refused_lease_says_why(engine):
+    llm, scheduler, pool = engine
+    out = turn(llm, tokens(300), program_id="agent-no-pin", ttl="0s")
+    assert out.kv_transfer_params["kvttl"]["lease_granted"] is False
+    assert out.kv_transfer_params["kvttl"]["reason"] == "policy"
+    turn(llm, tokens(100), program_id="agent-no-pin", last_turn=True)
+
+
+def test_a_bad_config_value_fails_at_engine_start_naming_the_key(tiny_llama):
+    with pytest.raises(Exception, match="pinned_share_cap"):
+        LLM(model=tiny_llama, skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=1024,
+            dtype="bfloat16", gpu_memory_utilization=0.3, num_gpu_blocks_override=16,
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
+                kv_connector_extra_config={"pinned_share_cap": "most"}))

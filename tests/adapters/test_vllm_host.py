@@ -42,14 +42,14 @@ def engine(tiny_llama):
               dtype="bfloat16", gpu_memory_utilization=0.3, num_gpu_blocks_override=40, disable_log_stats=False,
               kv_transfer_config=KVTransferConfig(
                   kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
-                  kv_connector_extra_config={"ttl_policy": "continuum", "host_tier_blocks": HOST_SLOTS}))
+                  kv_connector_extra_config={"policy": "continuum", "host_tier_blocks": HOST_SLOTS}))
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
     start = pool.get_num_free_blocks()
     yield llm, scheduler.connector, pool
     # No leak: no lease, no held or in-flight block, no referenced host slot.
     connector = scheduler.connector
-    assert connector._table.num_leases == 0 and not connector._in_flight and not connector._hold
+    assert connector.kit.num_leases == 0 and not connector._in_flight and not connector._hold
     assert connector._host.pool.num_referenced == 0
     assert pool.get_num_free_blocks() == start
 
@@ -129,7 +129,7 @@ def test_a_revoked_lease_goes_to_the_host_too(engine):
         back = turn(llm, second, program_id=f"host-crowd-{i}", tool="bash", last_turn=True)
         assert back.num_cached_tokens >= 15 * BLOCK, f"program {i} re-prefilled"
         assert answer(back) == expected, f"program {i}: its context came back different"
-    assert connector._table.num_leases == 0
+    assert connector.kit.num_leases == 0
 
 
 def test_a_lease_revoked_mid_schedule_is_copied_before_its_blocks_are_reused(engine):
@@ -147,7 +147,7 @@ def test_a_lease_revoked_mid_schedule_is_copied_before_its_blocks_are_reused(eng
     first = tokens(2000)
     _, second, expected = reference(llm, first)
     turn(llm, first, program_id="host-race", tool="bash", ttl="5m")
-    assert "host-race" in connector._table and pool.get_num_free_blocks() == 24
+    assert connector.kit.has_lease("host-race") and pool.get_num_free_blocks() == 24
     core = llm.llm_engine
     plain = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
     core.add_request("race-r", TokensPrompt(prompt_token_ids=tokens(2000)), plain)

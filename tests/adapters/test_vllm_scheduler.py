@@ -21,7 +21,7 @@ def engine(tiny_llama):
                   kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both"))
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     yield llm, scheduler
-    assert scheduler.connector._table.num_leases == 0
+    assert scheduler.connector.kit.num_leases == 0
 
 
 def params(max_tokens=8, **hints):

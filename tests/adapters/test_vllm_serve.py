@@ -24,7 +24,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test.sh insta
 
 CONNECTOR = {"kv_connector": "KvttlConnector", "kv_connector_module_path": "kvttl_vllm.connector",
              "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-             "kv_connector_extra_config": {"ttl_policy": "continuum", "host_tier_blocks": 64}}
+             "kv_connector_extra_config": {"policy": "continuum", "host_tier_blocks": 64}}
 
 
 @pytest.fixture(scope="module")

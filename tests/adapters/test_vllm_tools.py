@@ -21,10 +21,10 @@ def engine(tiny_llama_with_tokenizer):
               gpu_memory_utilization=0.3, num_gpu_blocks_override=40,
               kv_transfer_config=KVTransferConfig(
                   kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
-                  kv_connector_extra_config={"ttl_policy": "fixed:30s"}))
+                  kv_connector_extra_config={"policy": "fixed:30s"}))
     connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
     yield llm, connector
-    assert connector._table.num_leases == 0
+    assert connector.kit.num_leases == 0
 
 
 def act(llm, prompt, regex, **hints):
@@ -43,7 +43,7 @@ def test_the_tool_is_read_from_the_output(engine, regex, tool):
     program = f"agent-{tool or 'none'}"
     out = act(llm, list(range(10, 300)), regex, program_id=program)
     assert out.kv_transfer_params["kvttl"]["tool"] == tool
-    assert connector._last_finish[program][1] == tool  # what the duration estimator will learn under
+    assert connector.kit.programs.get(program).tool == tool  # what the duration estimator will learn under
     llm.generate([TokensPrompt(prompt_token_ids=list(range(10, 300)))],
                  SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": {"kvttl": {
                      "program_id": program, "last_turn": True}}}), use_tqdm=False)

@@ -30,7 +30,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 logger = logging.getLogger("kvttl.vllm")
 
-__all__ = ["HostIndex", "HostCopier", "KvttlConnectorMetadata", "KvttlWorkerMeta", "host_slots_from_config"]
+__all__ = ["HostIndex", "HostCopier", "KvttlConnectorMetadata", "KvttlWorkerMeta", "host_slots_from_config",
+           "HOST_TIER_KEYS"]
+
+#: The connector's own config keys, beside the engine kit's (kvttl.kit.KitConfig).
+HOST_TIER_KEYS = ("host_tier_gib", "host_tier_blocks")
 
 
 @dataclass

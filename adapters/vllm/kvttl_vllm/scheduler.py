@@ -5,40 +5,59 @@
 
 Stock vLLM serves its waiting queue first come, first served *per request*:
 an agent's returning turn queues behind every request that arrived while its
-tool ran. Continuum orders by *program* instead: a turn is as old as its
+tool ran. With kvttl the queue is sorted by the policy's key, computed by the
+engine kit (``EngineKit.queue_key``): for Continuum a turn is as old as its
 program's first turn, and a turn whose program holds a pin goes first (its
-context is already in memory). Requests without a program id are programs of
-one turn, so without agents this is exactly vLLM's FCFS.
+context is already in memory). Requests without a program id are programs
+of one turn, so without agents this is exactly vLLM's FCFS.
 
 Only the queue's order changes (and only under ``--scheduling-policy fcfs``,
 vLLM's default); admission, preemption and the KV cache stay vLLM's own.
+
+``KvttlScheduler`` becomes the scheduler vLLM would have run without it:
+vLLM's ``AsyncScheduler`` underneath when async scheduling is on (the
+default on GPUs), its ``Scheduler`` otherwise. The class is chosen as the
+engine constructs it, from the resolved ``scheduler_config.async_scheduling``.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import OrderedDict
+import logging
 from collections.abc import Callable, Iterable, Iterator
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from kvttl_vllm.connector import KvttlConnector, request_hints
+from kvttl_vllm.hints import request_hints
 
-__all__ = ["KvttlScheduler", "ProgramFCFSQueue"]
+logger = logging.getLogger("kvttl.vllm")
 
-#: Programs whose first arrival is remembered (least recently seen forgotten first).
-MAX_PROGRAMS = 65536
+__all__ = ["KvttlScheduler", "KvttlAsyncScheduler", "ProgramFCFSQueue", "kit_of"]
+
+
+def kit_of(connector):
+    """The engine kit of the scheduler's KV connector: kvttl's own, or
+    kvttl's inside vLLM's MultiConnector. None without kvttl's connector."""
+    kit = getattr(connector, "kit", None)
+    if kit is not None:
+        return kit
+    for inner in getattr(connector, "_connectors", ()) or ():
+        kit = getattr(inner, "kit", None)
+        if kit is not None:
+            return kit
+    return None
 
 
 class ProgramFCFSQueue(RequestQueue):
-    """vLLM's RequestQueue ordered by (class, program arrival, request arrival).
+    """vLLM's RequestQueue ordered by a key per request, smallest first.
 
-    Why a heap of keyed entries: the key of a request is fixed when it enters
-    the queue (its program's first arrival, and whether the program holds a
-    pin right then: a waiting turn's lease does not expire), so a binary heap
+    Why a heap of keyed entries: a request's key is fixed when it enters the
+    queue (its program's first arrival, and whether the program holds a pin
+    right then: a waiting turn's lease does not expire), so a binary heap
     gives O(log n) insertion and pop. Prepended requests (vLLM prepends the
     ones it preempted or skipped) take class -1 and go first, as in vLLM's
     FCFS deque. A sequence number breaks ties, so requests are never compared.
@@ -50,10 +69,10 @@ class ProgramFCFSQueue(RequestQueue):
         self._seq = itertools.count()
 
     def add_request(self, request: Request) -> None:
-        heapq.heappush(self._heap, (*self._key_of(request), next(self._seq), request))
+        heapq.heappush(self._heap, (0, self._key_of(request), next(self._seq), request))
 
     def prepend_request(self, request: Request) -> None:
-        heapq.heappush(self._heap, (-1, 0.0, 0.0, -next(self._seq), request))
+        heapq.heappush(self._heap, (-1, (), -next(self._seq), request))
 
     def prepend_requests(self, requests: Iterable[Request]) -> None:
         for request in reversed(list(requests)):  # the first of them ends up first
@@ -84,16 +103,25 @@ class ProgramFCFSQueue(RequestQueue):
         return len(self._heap)
 
     def __iter__(self) -> Iterator[Request]:
-        for entry in sorted(self._heap):
+        for entry in sorted(self._heap, key=lambda e: e[:3]):
             yield entry[-1]
 
 
 class KvttlScheduler(Scheduler):
-    """vLLM's Scheduler with program-level FCFS waiting queues."""
+    """vLLM's scheduler (async or not, as vLLM would choose) with waiting
+    queues in the engine kit's order."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is KvttlScheduler:
+            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+            if vllm_config is not None and vllm_config.scheduler_config.async_scheduling:
+                cls = KvttlAsyncScheduler
+        return super().__new__(cls)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._program_arrival: OrderedDict = OrderedDict()
+        logger.info("kvttl: %s (vLLM's %s with program-level queues)", type(self).__name__,
+                    "AsyncScheduler" if isinstance(self, AsyncScheduler) else "Scheduler")
         if self.policy == SchedulingPolicy.FCFS:
             if self.waiting or self.kv_holding_waiting:
                 raise RuntimeError("KvttlScheduler: the waiting queues must be empty at start")
@@ -101,16 +129,15 @@ class KvttlScheduler(Scheduler):
             self.kv_holding_waiting = ProgramFCFSQueue(self.program_key)
 
     def program_key(self, request: Request) -> tuple:
-        """(0 if the program holds a pin else 1, program's first arrival, arrival)."""
+        """The kit's queue key; vLLM's FCFS (arrival order) without kvttl's
+        connector or with ``program_fcfs`` off."""
+        kit = kit_of(self.connector)
+        if kit is None or not kit.orders_queue:
+            return (request.arrival_time,)
         hints = request_hints(request)
-        if hints is None:
-            return (1, request.arrival_time, request.arrival_time)
-        program = hints["program_id"]
-        first = self._program_arrival.pop(program, request.arrival_time)
-        if not hints["last_turn"]:
-            self._program_arrival[program] = first  # most recently seen last
-            while len(self._program_arrival) > MAX_PROGRAMS:
-                self._program_arrival.popitem(last=False)
-        connector = self.connector
-        pinned = isinstance(connector, KvttlConnector) and connector.holds_lease(program)
-        return (0 if pinned else 1, first, request.arrival_time)
+        return kit.queue_key(hints.program_id if hints is not None else None, request.arrival_time)
+
+
+class KvttlAsyncScheduler(KvttlScheduler, AsyncScheduler):
+    """KvttlScheduler over vLLM's AsyncScheduler (chosen by KvttlScheduler
+    itself when async scheduling is on; naming it directly works too)."""

@@ -1,0 +1,64 @@
+"""Where a vLLM request carries its kvttl hints, and reading them once.
+
+A request names its program in any of these (the first found wins):
+
+1. vLLM's own ``kv_hints`` envelope (``LLM.generate(..., kv_hints=...)``,
+   ``vllm.v1.kv_hints.KvHintsEnvelope``): an action of type ``kvttl.turn``,
+   the format SGLang takes too (``kvttl.kit.make_kv_hints`` builds it);
+2. ``kv_transfer_params["kvttl"]`` (the OpenAI request field, or
+   ``SamplingParams(extra_args={"kv_transfer_params": ...})``);
+3. ``extra_args["kvttl"]``, or flat ``kvttl_program_id`` / ``kvttl_tool`` /
+   ``kvttl_last_turn`` / ``kvttl_ttl`` keys (``vllm_xargs``).
+
+A request's vLLM ``session_id`` is its program id when the hints name none.
+Requests with no program id take vLLM's normal path.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kvttl.kit import payload_from_envelope, read_hints
+from kvttl.policy import TurnHints
+
+logger = logging.getLogger("kvttl.vllm")
+
+__all__ = ["request_hints", "parse_hints"]
+
+_UNPARSED = object()
+
+
+def request_hints(request) -> TurnHints | None:
+    """parse_hints for a vLLM Request, once: the result rides on the request,
+    so the scheduler's queue and the connector share one parse (and one warning)."""
+    hints = getattr(request, "_kvttl_hints", _UNPARSED)
+    if hints is _UNPARSED:
+        params = request.sampling_params
+        hints = request._kvttl_hints = parse_hints(
+            request.kv_transfer_params, params.extra_args if params is not None else None,
+            session_id=getattr(request, "session_id", None), kv_hints=getattr(request, "kv_hints", None),
+            request_id=request.request_id)
+    return hints
+
+
+def _payload(kv_transfer_params, extra_args, kv_hints):
+    payload = payload_from_envelope(kv_hints)
+    if payload is not None:
+        return payload
+    if isinstance(kv_transfer_params, dict) and kv_transfer_params.get("kvttl") is not None:
+        return kv_transfer_params["kvttl"]
+    extra = extra_args if isinstance(extra_args, dict) else {}
+    if isinstance(extra.get("kvttl"), dict):
+        return extra["kvttl"]
+    flat = {k[len("kvttl_"):]: v for k, v in extra.items() if isinstance(k, str) and k.startswith("kvttl_")}
+    return flat or None
+
+
+def parse_hints(kv_transfer_params, extra_args, *, session_id=None, kv_hints=None,
+                request_id: str = "?") -> TurnHints | None:
+    """The kvttl hints of a request, or None when it has no program id. Never
+    raises: bad hints are dropped with a warning, the request goes on."""
+    payload = _payload(kv_transfer_params, extra_args, kv_hints)
+    if session_id and (payload is None or (isinstance(payload, dict) and payload.get("program_id") is None)):
+        payload = {**(payload if isinstance(payload, dict) else {}), "program_id": session_id}
+    return read_hints(payload, log=logger, request=request_id)
