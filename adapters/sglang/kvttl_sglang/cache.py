@@ -2,26 +2,26 @@
 
 A lease is one SGLang tree lock (``UnifiedRadixCache.lock``) on the node a
 finished turn's insert ended on, so the whole path from the root stays out of
-eviction. kvttl's LeaseTable keeps the deadlines, owners and the pinned-share
-cap over a mirror pool with one entry per KV page; SGLang keeps the memory.
+eviction. This module only translates: the lifecycle (programs, TTLs,
+grants, hand-over, expiry, revocation in the policy's order, counters) is
+the engine kit's (``kvttl.kit.EngineKit``), over one block id per KV page.
 
 The hooks, all on the scheduler thread, all called identically on every
 tensor-parallel rank (SGLang's own contract for its cache):
 
-- ``match_prefix``   a hinted turn is matched for the first time: its program
-                     has returned; the old lease holds (without a deadline)
-                     until the new turn holds its own lock
-- ``on_release``     a turn ended: release on the last turn or an abort, else
-                     ask the TTL policy and lock ``req.last_node``
+- ``match_prefix``   a hinted request is matched for the first time: ``kit.arrived``
+- (any hook)         a hinted request now holds its lock: ``kit.admitted`` (SGLang
+                     has no admission callback, so :meth:`tick` looks)
+- ``on_release``     a turn ended: ``kit.finished`` -- TTL, grant (lock
+                     ``req.last_node``), or release on a last turn or an abort
 - ``evict`` / ``evict_for_alloc``
-                     drop due leases, let SGLang evict what is unlocked, and
-                     only when that falls short revoke leases (latest program
-                     first) and evict again: a pin never makes SGLang retract
-                     a running request
+                     due leases go, SGLang evicts what is unlocked, and only
+                     when that falls short are leases revoked and evicted
+                     again: a pin never makes SGLang retract a running request
 - ``relieve_pressure`` (from the scheduling hook, see ``plugin.py``) the head
-                     of the waiting queue does not fit: drop due leases, then
-                     revoke leases of later programs, or any lease when nothing
-                     runs; a pass where the head fits reads no clock
+                     of the waiting queue does not fit: leases are revoked as
+                     the policy allows (later programs only, unless nothing
+                     runs); a pass where the head fits reads no clock
 
 Time: every decision reads one clock value per call, agreed across ranks
 (``all_reduce(MAX)`` of each rank's clock; only in calls about hinted requests
@@ -33,83 +33,46 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-import kvttl
 from kvttl.errors import BadArgumentError
-from kvttl.policy import TurnContext, TurnHints, get_policy, parse_turn_hints
+from kvttl.kit import EngineKit, KitConfig, load_config as load_kit_config, payload_from_envelope, read_hints
+from kvttl.policy import TurnHints
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-from kvttl_sglang.hints import HINT_ACTION_TYPE
-
 logger = logging.getLogger("kvttl.sglang")
 
-__all__ = ["KvttlRadixCache", "HINT_ACTION_TYPE", "turn_hints", "load_config", "CONFIG_ENV"]
+__all__ = ["KvttlRadixCache", "turn_hints", "load_config", "CONFIG_ENV"]
 
 #: Where the server's kvttl settings come from: a JSON object.
 CONFIG_ENV = "KVTTL_SGLANG_CONFIG"
 
-#: A program not heard of for this long (and holding nothing) is forgotten;
-#: checked every FORGET_EVERY finished turns.
-FORGET_AFTER_S = 3600.0
-FORGET_EVERY = 1024
 
-_DEFAULTS = {"ttl_policy": "continuum", "pinned_share_cap": 0.8, "reload_tokens_per_s": 10_000.0,
-             "program_fcfs": True}
-
-
-def load_config(text: str | None = None) -> dict:
-    """The adapter's settings: defaults, overridden by ``$KVTTL_SGLANG_CONFIG``
-    (or ``text``). Unknown keys and bad values fail here, at server start."""
+def load_config(text: str | None = None) -> KitConfig:
+    """The adapter's settings from ``$KVTTL_SGLANG_CONFIG`` (or ``text``), a
+    JSON object of ``kvttl.kit.KitConfig`` keys. Unknown keys and bad values
+    fail here, at server start, naming the key."""
     text = os.environ.get(CONFIG_ENV, "") if text is None else text
-    config = dict(_DEFAULTS)
+    given = {}
     if text.strip():
         try:
             given = json.loads(text)
         except ValueError as e:
             raise BadArgumentError(f"{CONFIG_ENV} is not JSON: {e}") from None
-        if not isinstance(given, dict):
-            raise BadArgumentError(f"{CONFIG_ENV} must be a JSON object, got {type(given).__name__}")
-        unknown = sorted(set(given) - set(_DEFAULTS))
-        if unknown:
-            raise BadArgumentError(f"{CONFIG_ENV}: unknown key(s) {unknown}; known: {sorted(_DEFAULTS)}")
-        config.update(given)
-    cap = config["pinned_share_cap"]
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 <= cap <= 1.0:
-        raise BadArgumentError(f"pinned_share_cap must be a number in [0, 1], got {cap!r}")
-    rate = config["reload_tokens_per_s"]
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
-        raise BadArgumentError(f"reload_tokens_per_s must be a positive number, got {rate!r}")
-    get_policy(str(config["ttl_policy"]))  # an unknown policy fails at start, naming the known ones
-    return config
+    return load_kit_config(given, source=CONFIG_ENV)[0]
 
 
 def turn_hints(req) -> TurnHints | None:
     """The kvttl hints a request carries in ``kv_hints`` (action type
     ``kvttl.turn``), or None. Bad hints are dropped with a warning."""
-    envelope = getattr(req, "kv_hints", None)
-    if envelope is None:
-        return None
-    for action in getattr(envelope, "actions", ()) or ():
-        if getattr(action, "action_type", None) != HINT_ACTION_TYPE:
-            continue
-        try:
-            hints = parse_turn_hints(action.payload)
-        except BadArgumentError as e:
-            logger.warning("kvttl: ignoring the hints of request %s: %s", getattr(req, "rid", "?"), e)
-            return None
-        for problem in hints.warnings if hints is not None else ():
-            logger.warning("kvttl: request %s: %s", getattr(req, "rid", "?"), problem)
-        return hints
-    return None
+    return read_hints(payload_from_envelope(getattr(req, "kv_hints", None)), log=logger,
+                      request=getattr(req, "rid", "?"))
 
 
 _UNPARSED = object()
@@ -133,54 +96,54 @@ def _entry_time(req) -> float:
     return getattr(getattr(req, "time_stats", None), "wait_queue_entry_time", 0.0) or 0.0
 
 
-class _Program:
-    """What kvttl remembers of one program between its turns. ``first_arrival``
-    is the queue-entry stamp of its first turn: the program-FCFS key."""
+class _Hooks:
+    """kvttl.kit.EngineHooks over SGLang's radix tree: a lease's hold is a
+    tree lock on the node the turn's insert ended on."""
 
-    __slots__ = ("first_arrival", "finished_at", "tool", "context", "turns")
+    def __init__(self, cache: "KvttlRadixCache"):
+        self.cache = cache
 
-    def __init__(self, first_arrival: float):
-        self.first_arrival = first_arrival
-        self.finished_at: float | None = None
-        self.tool = ""
-        self.context = 0
-        self.turns = 0
+    def pin(self, node):
+        return self.cache.lock(node)
+
+    def unpin(self, lock, *, reason: str, copy_out: bool) -> None:
+        self.cache.unlock(lock)
+
+    def copy_out(self, node) -> None:  # no host tier here: the kit never asks
+        raise NotImplementedError("kvttl's SGLang backend has no host tier")
 
 
 class KvttlRadixCache(UnifiedRadixCache):
     """UnifiedRadixCache whose finished turns may keep their KV under a TTL lease.
 
-    Why a mirror pool: the LeaseTable already implements deadlines, replace-on-
-    grant, owners and the pinned-share cap over block ids; giving it one id per
-    KV page (``index // page_size``) lets it count distinct pinned pages when
-    programs share a prefix, while SGLang's tree lock does the actual pinning.
+    The kit's block ids are KV pages (``index // page_size``), so the
+    pinned-share cap counts distinct pinned pages when programs share a
+    prefix, while SGLang's tree lock does the actual pinning.
     """
 
     def __init__(self, params, *, config: dict | None = None, clock: Callable[[], float] | None = None):
         super().__init__(params)
         self.kvttl_config = load_config(None if config is None else json.dumps(config))
-        self._policy = get_policy(str(self.kvttl_config["ttl_policy"]))
-        self._rate = float(self.kvttl_config["reload_tokens_per_s"])
         self._clock = clock or time.time
         allocator = self.token_to_kv_pool_allocator
         self._page = max(1, int(self.page_size))
         num_pages = int(allocator.size) // self._page + 2  # slot 0 is SGLang's padding
-        self._mirror = kvttl.BlockPool(num_pages)
-        self._mirror.allocate(num_pages)
-        self._table = kvttl.LeaseTable(self._mirror, pinned_share_cap=float(self.kvttl_config["pinned_share_cap"]))
-        self._locks: dict[Any, Any] = {}  # owner -> SGLang TreeLock held for its lease
-        self._programs: dict[Any, _Program] = {}
-        # owner -> (req, arrival, matched tokens) of a turn that came back, until it holds its lock
-        self._returning: dict[Any, tuple] = {}
-        self._releases = 0
-        self.stats = {"granted": 0, "refused": 0, "hit": 0, "expired": 0, "revoked": 0, "released": 0}
-        logger.info("kvttl radix cache: ttl policy %s, pinned-share cap %.2f, %d pages",
-                    self.kvttl_config["ttl_policy"], self._table.pinned_share_cap, num_pages)
+        self.kit = EngineKit(_Hooks(self), num_blocks=num_pages, block_size=self._page, config=self.kvttl_config,
+                             clock=self._now)
+        # request id -> request, for hinted requests not yet seen holding their lock
+        self._waiting: dict[str, object] = {}
+        logger.info("kvttl radix cache: policy %s, pinned-share cap %.2f, %d pages",
+                    self.kvttl_config.policy, self.kvttl_config.pinned_share_cap, num_pages)
+
+    @property
+    def stats(self) -> dict:
+        return self.kit.stats
 
     # ---- time -----------------------------------------------------------------
     def _now(self) -> float:
-        """One clock reading every rank agrees on. Called only while leases
-        exist, so every rank calls it at the same point of the same call."""
+        """One clock reading every rank agrees on. Called only while leases or
+        hinted requests exist, so every rank calls it at the same point of
+        the same call."""
         now = float(self._clock())
         if self.tp_world_size > 1 or self.pp_size > 1:
             t = torch.tensor([now], dtype=torch.float64)
@@ -188,17 +151,24 @@ class KvttlRadixCache(UnifiedRadixCache):
             now = float(t.item())
         return now
 
-    def _tick(self) -> float | None:
-        """Drop due leases and finish hand-overs; the agreed time, or None when
+    def tick(self) -> float | None:
+        """Drop due leases and notice admissions; the agreed time, or None when
         there was nothing to do (and no clock was read)."""
-        if not self._table.num_leases and not self._returning:
+        if not self.kit.num_leases and not self._waiting:
             return None
         now = self._now()
-        for lease in self._table.expire(now) if self._table.num_leases else ():
-            self._unlock_owner(lease.owner, "expired")
-        for owner, returning in list(self._returning.items()):
-            self._try_hand_over(owner, returning, now)
+        self.kit.tick(now)
+        for rid, req in list(self._waiting.items()):
+            if req.lock is not None:  # admitted: it holds its own prefix; the old lease can go
+                self._admitted(rid, req, now)
+            elif req.finished() and not req.kv.holds_kv:  # gone before it ever ran
+                del self._waiting[rid]
+                self.kit.finished(rid, blocks=(), num_tokens=0, free_blocks=0, aborted=True, now=now)
         return now
+
+    def _admitted(self, rid: str, req, now: float) -> None:
+        del self._waiting[rid]
+        self.kit.admitted(rid, device_hit_tokens=int(getattr(req, "prefix_len", 0) or 0), now=now)
 
     # ---- SGLang hooks -----------------------------------------------------------
     def match_prefix(self, params):
@@ -208,61 +178,31 @@ class KvttlRadixCache(UnifiedRadixCache):
             hints = _hints_of(req)
             if hints is not None:
                 req._kvttl_arrived = True
-                self._on_arrival(req, hints, result)
+                now = self.tick()
+                self.kit.arrived(req.rid, hints, prompt_tokens=len(req.origin_input_ids), arrival=_entry_time(req),
+                                 now=self._now() if now is None else now)
+                self._waiting[req.rid] = req
         return result
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
         if req.kv_hints is None or not req.finished():  # not finished: a retraction, the turn goes on
             return
-        hints = _hints_of(req)
-        if hints is None:
+        if self.kit.turn(req.rid) is None:
             return
-        owner = hints.program_id
-        now = self._tick()
+        now = self.tick()
         now = self._now() if now is None else now  # deadlines and policy inputs: agreed values only
-        program = self._programs.get(owner)
-        if program is None:
-            program = self._programs[owner] = _Program(_entry_time(req))
-        self._returning.pop(owner, None)
-        program.turns += 1
-        self._releases += 1
-        if self._releases % FORGET_EVERY == 0:
-            self._forget_idle_programs(now)
-        aborted = isinstance(req.finished_reason, FINISH_ABORT)
-        if hints.last_turn or aborted:
-            self._drop(owner, "released")
-            del self._programs[owner]
-            if hints.last_turn and not aborted:
-                self._policy.ttl.on_program_finished(program.turns)
-            return
+        if req.rid in self._waiting:  # it ran and finished between two looks
+            self._admitted(req.rid, req, now)
         node = req.last_node
-        context = len(req.origin_input_ids) + len(req.output_ids)
-        program.finished_at, program.tool, program.context = now, hints.tool, context
-        if not checkpointed or node is None or self.is_root(node):
-            self._drop(owner, "released")
-            return
-        pages = torch.unique(self.path_device_indices(node) // self._page).tolist()
+        pages = []
+        if checkpointed and node is not None and not self.is_root(node):
+            pages = torch.unique(self.path_device_indices(node) // self._page).tolist()
         free_tokens = self.token_to_kv_pool_allocator.available_size() + self.evictable_size()
-        turn = TurnContext(program_id=owner, tool=hints.tool, turn_index=program.turns - 1, num_tokens=context,
-                           num_blocks=len(pages), prefill_s=context / self._rate, hint_ttl_s=hints.ttl_s,
-                           free_fraction=min(1.0, free_tokens / max(1, self.token_to_kv_pool_allocator.size)))
-        ttl = self._policy.ttl.ttl(turn)
-        if not ttl > 0 or not pages:
-            self._drop(owner, "released")
-            return
-        grant = self._table.grant(owner, pages, ttl, tool=hints.tool, num_tokens=context, now=now)
-        if not grant.granted:
-            self.stats["refused"] += 1
-            logger.debug("kvttl: lease for %r refused: %s", owner, grant.reason)
-            self._drop(owner, "released")
-            return
-        # The new lock before the old unlock: the shared prefix never becomes evictable.
-        old = self._locks.get(owner)
-        self._locks[owner] = self.lock(node)
-        if old is not None:
-            self.unlock(old)
-        self.stats["granted"] += 1
+        req._kvttl_outcome = self.kit.finished(  # what became of it, for whoever reports on the request
+            req.rid, blocks=pages, num_tokens=len(req.origin_input_ids) + len(req.output_ids),
+            free_blocks=min(self.kit.num_blocks, free_tokens // self._page), pin_ref=node,
+            aborted=isinstance(req.finished_reason, FINISH_ABORT), now=now)
 
     def evict(self, params: EvictParams) -> EvictResult:
         return self._evict_with_leases(params, lambda p: super(KvttlRadixCache, self).evict(p))
@@ -272,13 +212,13 @@ class KvttlRadixCache(UnifiedRadixCache):
             p, allocation_reclaim_satisfied=allocation_reclaim_satisfied))
 
     def _evict_with_leases(self, params: EvictParams, evict_unlocked) -> EvictResult:
-        self._tick()
+        now = self.tick()
         allocator = self.token_to_kv_pool_allocator
         want = int(params.num_tokens or 0)
         target = allocator.available_size() + want  # SGLang's meaning: a shortfall to cover
         result = evict_unlocked(params)
-        while self._table.num_leases and want > 0 and allocator.available_size() < target:
-            self._revoke(self._victims(limit=1))
+        while self.kit.num_leases and want > 0 and allocator.available_size() < target:
+            self.kit.revoke(num_leases=1, idle=True, now=now)  # the allocation must not fail: any lease may go
             more = super().evict(EvictParams(num_tokens=target - allocator.available_size()))
             result.num_tokens_evicted += more.num_tokens_evicted
             result.swa_num_tokens_evicted += more.swa_num_tokens_evicted
@@ -287,127 +227,54 @@ class KvttlRadixCache(UnifiedRadixCache):
 
     # ---- scheduling (called by plugin.py's calc_priority hook) ------------------------
     def queue_key(self, req) -> tuple:
-        """Program-level FCFS, pinned programs first; requests without a
-        program are programs of one turn."""
-        entry = _entry_time(req)
+        """The policy's order (Continuum: program-level FCFS, pinned programs
+        first); requests without a program are programs of one turn."""
         hints = _hints_of(req)
-        if hints is None:
-            return (1, entry, entry)
-        program = self._programs.get(hints.program_id)
-        pinned = hints.program_id in self._table
-        return (0 if pinned else 1, program.first_arrival if program is not None else entry, entry)
+        return self.kit.queue_key(hints.program_id if hints is not None else None, _entry_time(req))
 
     def relieve_pressure(self, waiting_queue, running_batch=None) -> int:
-        """Revoke leases while the head of the queue cannot fit: only leases
-        of programs that arrived after the head's, unless nothing runs (then
-        any lease may go: pins never stop the engine). Returns leases revoked."""
-        if not waiting_queue or not self._table.num_leases:
+        """Revoke leases while the head of the queue cannot fit, as the
+        policy allows: under program FCFS only leases of programs that
+        arrived after the head's, unless nothing runs (then any lease may go:
+        pins never stop the engine). Returns leases revoked."""
+        if not waiting_queue or not self.kit.num_leases:
             return 0
         head = waiting_queue[0]
         need = len(head.origin_input_ids) + len(head.output_ids) - int(getattr(head, "prefix_len", 0) or 0)
         if self.token_to_kv_pool_allocator.available_size() + self.evictable_size() >= need:
             return 0  # it fits: no clock reading (a collective under TP) on this scheduling pass
-        self._tick()  # due leases first: they may be enough
+        now = self.tick()  # due leases first: they may be enough
         hints = _hints_of(head)
-        program = self._programs.get(hints.program_id) if hints is not None else None
-        head_arrival = program.first_arrival if program is not None else _entry_time(head)
+        program = self.kit.programs.get(hints.program_id) if hints is not None else None
+        arrival = program.first_arrival if program is not None else _entry_time(head)
         idle = running_batch is None or running_batch.is_empty()
         revoked = 0
         while self.token_to_kv_pool_allocator.available_size() + self.evictable_size() < need:
-            victims = self._victims(limit=1, arrived_after=None if idle else head_arrival,
-                                    exclude=hints.program_id if hints is not None else None)
-            if not victims:
+            gone = self.kit.revoke(num_leases=1, requester=head.rid if hints is not None else None,
+                                   arrival=arrival, idle=idle, now=now)
+            if not gone:
                 break
-            revoked += self._revoke(victims)
+            revoked += len(gone)
         return revoked
-
-    # ---- internals ----------------------------------------------------------------
-    def _on_arrival(self, req, hints: TurnHints, match) -> None:
-        owner = hints.program_id
-        now = self._tick()
-        now = self._now() if now is None else now
-        program = self._programs.get(owner)
-        if program is None:
-            self._programs[owner] = _Program(_entry_time(req))
-            return
-        if program.finished_at is not None:
-            self._policy.ttl.on_tool_return(program.tool, max(0.0, now - program.finished_at))
-        if owner in self._table:
-            self.stats["hit"] += 1
-            self._table.renew(owner, math.inf, now=now)  # never expires while its turn waits
-        self._returning[owner] = (req, now, int(match.device_prefix_len))
-
-    def _try_hand_over(self, owner, returning: tuple, now: float) -> None:
-        req, arrival, matched = returning
-        if req.lock is not None:  # admitted: it holds its own prefix
-            context = self._programs[owner].context  # a returning program is never forgotten
-            evicted = matched < (context - 1) // self._page * self._page
-            self._policy.ttl.on_admitted(max(0.0, now - arrival), evicted)
-        elif not (req.finished() and not req.kv.holds_kv):  # still waiting (else: gone before it ran)
-            return
-        del self._returning[owner]
-        self._drop(owner, "released")
-
-    def _forget_idle_programs(self, now: float) -> None:
-        """Programs that never sent a last turn: forget those with no lease, no
-        waiting turn and no finish for FORGET_AFTER_S (bounded memory)."""
-        for owner, program in list(self._programs.items()):
-            if owner not in self._table and owner not in self._returning and \
-                    program.finished_at is not None and now - program.finished_at > FORGET_AFTER_S:
-                del self._programs[owner]
-
-    def _victims(self, *, limit: int, arrived_after: float | None = None, exclude=None) -> list:
-        """Leases to revoke, latest program first (program-level FCFS)."""
-        def arrival(lease):
-            program = self._programs.get(lease.owner)
-            return program.first_arrival if program is not None else math.inf
-
-        leases = [l for l in self._table.leases() if l.owner != exclude and
-                  (arrived_after is None or arrival(l) > arrived_after)]
-        leases.sort(key=lambda l: (-arrival(l), -l.lease_id))
-        return leases[:limit]
-
-    def _revoke(self, victims) -> int:
-        for lease in victims:
-            self._table.release(lease.owner, lease_id=lease.lease_id)
-            self._unlock_owner(lease.owner, "revoked")
-        return len(victims)
-
-    def _drop(self, owner, why: str) -> None:
-        if self._table.release(owner) is not None:
-            self._unlock_owner(owner, why)
-
-    def _unlock_owner(self, owner, why: str) -> None:
-        lock = self._locks.pop(owner, None)
-        if lock is not None:
-            self.unlock(lock)
-        self.stats[why] += 1
-        logger.debug("kvttl: lease of %r %s", owner, why)
 
     # ---- introspection and teardown ----------------------------------------------------
     @property
     def num_leases(self) -> int:
-        return self._table.num_leases
+        return self.kit.num_leases
 
     def leased_tokens(self) -> int:
-        return sum(lease.num_tokens for lease in self._table.leases())
+        return sum(lease.num_tokens for lease in self.kit.leases())
 
     def lease_of(self, program_id):
-        return self._table.get(program_id)
+        return self.kit.lease_of(program_id)
 
     def release_all_leases(self) -> int:
-        n = 0
-        for owner in list(self._locks):
-            self._drop(owner, "released")
-            n += 1
-        return n
+        return self.kit.release_all()
 
     def reset(self) -> None:
         # SGLang's reset (flush_cache) rebuilds the tree: every lock is gone with it.
-        table = getattr(self, "_table", None)
-        if table is not None:
-            table.release_all()
-            self._locks.clear()
-            self._programs.clear()
-            self._returning.clear()
+        kit = getattr(self, "kit", None)
+        if kit is not None:
+            kit.reset()
+            self._waiting.clear()
         super().reset()

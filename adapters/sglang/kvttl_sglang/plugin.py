@@ -42,7 +42,7 @@ def after_calc_priority(result, policy, waiting_queue, running_batch=None, proce
     cache = policy.tree_cache
     if not isinstance(cache, KvttlRadixCache) or not waiting_queue:
         return result
-    if cache.kvttl_config["program_fcfs"] and policy.policy == CacheAgnosticPolicy.FCFS:
+    if cache.kit.orders_queue and policy.policy == CacheAgnosticPolicy.FCFS:
         waiting_queue.sort(key=cache.queue_key)
     cache.relieve_pressure(waiting_queue, running_batch)
     return result

@@ -46,10 +46,10 @@ def test_lease_is_handed_over_only_after_the_returning_turn_holds_its_lock():
     back = _return_turn(cache, first, "A", ttl="30s").arrive()
     assert cache.stats["hit"] == 1 and cache.num_leases == 1
     assert cache.lease_of("A").deadline == float("inf")  # no expiry while the turn waits
-    cache._tick()
+    cache.tick()
     assert cache.num_leases == 1  # not admitted yet: still held
     back.admit()
-    cache._tick()
+    cache.tick()
     assert cache.num_leases == 0 and cache.stats["released"] == 1
     assert cache.protected_size() == len(first.context)  # the turn's own lock on its matched prefix
     back.finish()
@@ -101,7 +101,7 @@ def test_pins_never_make_an_allocation_fail():
     assert cache.num_leases == 3 and cache.protected_size() == 108
     run_turn(cache, tokens(9, 80), 8)  # 88 slots: 20 free + two revoked pins
     assert cache.stats["revoked"] == 2
-    assert [lease.owner for lease in cache._table.leases()] == ["A"]  # the oldest program kept its pin
+    assert [lease.owner for lease in cache.kit.leases()] == ["A"]  # the oldest program kept its pin
     cache.release_all_leases()
     assert_no_leak(cache)
 
@@ -124,7 +124,7 @@ def test_head_of_queue_revokes_only_later_programs_while_work_runs():
     assert cache.num_leases == 2
     newcomer.arrive()
     cache.relieve_pressure([newcomer.req], Running(empty=False))
-    assert [lease.owner for lease in cache._table.leases()] == ["old"]  # "late" arrived after "mid"
+    assert [lease.owner for lease in cache.kit.leases()] == ["old"]  # "late" arrived after "mid"
     cache.relieve_pressure([newcomer.req], Running(empty=False))
     assert cache.num_leases == 1  # "old" is older than the head: it stays while work runs
     cache.relieve_pressure([newcomer.req], Running(empty=True))
@@ -185,7 +185,7 @@ def test_bad_config_fails_at_start_naming_the_key():
         load_config("{ttl_policy: continuum}")
     with pytest.raises(KvttlError, match="nope"):
         load_config('{"ttl_policy": "nope"}')
-    assert load_config("")["ttl_policy"] == "continuum"
+    assert load_config("").policy == "continuum"
 
 
 # ---- property: random agent traffic --------------------------------------------------------
@@ -204,7 +204,7 @@ def test_random_agent_traffic_keeps_every_live_lease_and_leaks_nothing(steps):
     """Whatever the traffic: a live lease's program matches its whole last context,
     an allocation never fails because of pins, and draining leaves nothing locked."""
     clock = FakeClock()
-    cache = make_cache(tokens=128, rows=8, clock=clock, config={"ttl_policy": "fixed:8s", "pinned_share_cap": 1.0})
+    cache = make_cache(tokens=128, rows=8, clock=clock, config={"policy": "fixed:8s", "pinned_share_cap": 1.0})
     last = {}  # program -> its last finished Turn
     seed = iter(range(10, 10_000))
     for step in steps:
@@ -232,9 +232,9 @@ def test_random_agent_traffic_keeps_every_live_lease_and_leaks_nothing(steps):
             Turn(cache, tokens(next(seed), 8), 2, hints=make_kv_hints(p)).arrive().admit().finish(abort=True)
             last.pop(p, None)
             assert cache.lease_of(p) is None
-        cache._tick()  # what every scheduling pass does
-        assert all(lease.deadline > clock.t for lease in cache._table.leases()), "a due lease survived a tick"
-        assert all(owner in last for owner in cache._locks), "a lease outlived its program's last turn"
+        cache.tick()  # what every scheduling pass does
+        assert all(lease.deadline > clock.t for lease in cache.kit.leases()), "a due lease survived a tick"
+        assert all(lease.owner in last for lease in cache.kit.leases()), "a lease outlived its program's last turn"
     cache.release_all_leases()
     assert cache.num_leases == 0
     assert_no_leak(cache)
@@ -248,10 +248,10 @@ def test_a_retracted_turn_is_not_a_finished_one():
     first = run_turn(cache, tokens(1, 30), 4, program_id="A", ttl="60s")
     back = _return_turn(cache, first, "A", ttl="60s").arrive().admit()
     release_kv_cache(back.req, cache, checkpoint=False)  # retract: back to the waiting queue
-    assert cache._programs["A"].turns == 1 and cache.stats["granted"] == 1
+    assert cache.kit.programs.get("A").num_turns == 1 and cache.stats["granted"] == 1
     back.req.kv.cache_protected_len = 0
     back.admit().finish()
-    assert cache._programs["A"].turns == 2 and cache.stats["granted"] == 2
+    assert cache.kit.programs.get("A").num_turns == 2 and cache.stats["granted"] == 2
     cache.release_all_leases()
     assert_no_leak(cache)
 
