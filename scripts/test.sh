@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need into virtual environments of their own and runs
 # every test: .venv-test (vLLM brings torch and pins its own versions) runs the
-# whole suite; .venv-sglang (SGLang pins another torch) runs the SGLang adapter's.
+# whole suite; .venv-sglang (SGLang pins another torch) runs the SGLang adapter's
+# tests and the conformance suite's SGLang cases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
@@ -22,5 +23,5 @@ SGL=${KVTTL_SGLANG_VENV:-.venv-sglang}
 "$SGL/bin/python" -m pip install -q -r adapters/sglang/requirements-test.txt
 "$SGL/bin/python" -m pip install -q --no-deps "sglang==0.5.23"
 "$SGL/bin/python" -m pip install -q .
-echo "== SGLang adapter tests (sglang 0.5.23, its own venv)"
-KVTTL_REQUIRE_SGLANG=1 HF_HUB_OFFLINE=1 exec "$SGL/bin/python" -m pytest tests/adapters/sglang "$@"
+echo "== SGLang adapter and conformance tests (sglang 0.5.23, its own venv)"
+KVTTL_REQUIRE_SGLANG=1 HF_HUB_OFFLINE=1 exec "$SGL/bin/python" -m pytest tests/adapters/sglang tests/conformance "$@"
