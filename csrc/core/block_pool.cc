@@ -74,7 +74,6 @@ void BlockPool::check_ref_room(IdSpan ids, const char* what) const {
 void BlockPool::check_pinnable_locked(IdSpan ids, const char* what) const {
   check_unique(ids, what);
   check_has_content(ids, what);
-  check_ref_room(ids, what);
 }
 
 void BlockPool::check_has_content(IdSpan ids, const char* what) const {
@@ -83,6 +82,8 @@ void BlockPool::check_has_content(IdSpan ids, const char* what) const {
     KVTTL_CHECK(blk.ref > 0 || blk.hashed, UnknownBlock, what, ": block ", ids[i],
                 " is free (no references, no content); only cached or referenced "
                 "blocks can be referenced");
+    KVTTL_CHECK(blk.ref < std::numeric_limits<int32_t>::max(), BadArgument, what, ": block ", ids[i],
+                " already carries the most references a block can hold");
   }
 }
 
@@ -127,7 +128,6 @@ void BlockPool::add_ref(IdSpan ids) {
   std::lock_guard<std::mutex> lock(mu_);
   check_unique(ids, "add_ref");
   check_has_content(ids, "add_ref");
-  check_ref_room(ids, "add_ref");
   add_ref_locked(ids);
 }
 

@@ -48,15 +48,6 @@ void PinTarget::check_unique(IdSpan ids, const char* what) const {
   }
 }
 
-int64_t PinTarget::pinned_after_locked(IdSpan add, IdSpan remove) const {
-  int64_t added = 0, removed = 0;
-  for (BlockId b : add) added += pins_locked(b) == 0;
-  // A block of the old lease stops being pinned if this lease was its only
-  // pin and the new batch (stamped by check_pinnable_locked) does not take it.
-  for (BlockId b : remove) removed += pins_locked(b) == 1 && seen_[b] != epoch_;
-  return num_pinned_ + added - removed;
-}
-
 // ---- EngineBlocks ---------------------------------------------------------------
 
 EngineBlocks::EngineBlocks(int64_t num_blocks) : PinTarget(num_blocks) {

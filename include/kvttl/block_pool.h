@@ -100,6 +100,9 @@ class BlockPool final : public PinTarget {
  protected:
   void check_pinnable_locked(IdSpan ids, const char* what) const override;
   int32_t pins_locked(BlockId id) const override { return blocks_[static_cast<size_t>(id)].pins; }
+  int64_t pinned_after_locked(IdSpan add, IdSpan remove) const override {
+    return count_pinned_after(add, remove, [this](BlockId b) { return blocks_[static_cast<size_t>(b)].pins; });
+  }
   void pin_locked(IdSpan ids) override;
   int64_t unpin_locked(const BlockId* ids, size_t n) override;
 
@@ -113,8 +116,9 @@ class BlockPool final : public PinTarget {
     bool hashed = false;
   };
 
+  // Each block holds content (is cached or referenced) and has room for one
+  // more reference (int32).
   void check_has_content(IdSpan ids, const char* what) const;
-  // Refuses a batch that would take some block's count past int32.
   void check_ref_room(IdSpan ids, const char* what) const;
   void unlink(BlockId id);
   void push_head(BlockId id);

@@ -72,8 +72,18 @@ class PinTarget {
   virtual int64_t unpin_locked(const BlockId* ids, size_t n) = 0;
 
   // Blocks pinned after pinning `add` (just checked, so stamped) and
-  // unpinning `remove` (the lease `add` replaces).
-  int64_t pinned_after_locked(IdSpan add, IdSpan remove) const;
+  // unpinning `remove` (the lease `add` replaces). Each target runs
+  // count_pinned_after with its own inline pin accessor: no virtual call per block.
+  virtual int64_t pinned_after_locked(IdSpan add, IdSpan remove) const = 0;
+  template <typename PinsOf>
+  int64_t count_pinned_after(IdSpan add, IdSpan remove, PinsOf pins) const {
+    int64_t added = 0, removed = 0;
+    for (BlockId b : add) added += pins(b) == 0;
+    // A block of the old lease stops being pinned if that lease was its only
+    // pin and the new batch (stamped by check_pinnable_locked) does not take it.
+    for (BlockId b : remove) removed += pins(b) == 1 && seen_[static_cast<size_t>(b)] != epoch_;
+    return num_pinned_ + added - removed;
+  }
 
   uint32_t next_epoch() const;
   void check_range(IdSpan ids, const char* what) const;
@@ -106,6 +116,9 @@ class EngineBlocks final : public PinTarget {
  protected:
   void check_pinnable_locked(IdSpan ids, const char* what) const override;
   int32_t pins_locked(BlockId id) const override { return pins_[static_cast<size_t>(id)]; }
+  int64_t pinned_after_locked(IdSpan add, IdSpan remove) const override {
+    return count_pinned_after(add, remove, [this](BlockId b) { return pins_[static_cast<size_t>(b)]; });
+  }
   void pin_locked(IdSpan ids) override;
   int64_t unpin_locked(const BlockId* ids, size_t n) override;
 
