@@ -70,6 +70,9 @@ __all__ = ["KvttlConnector"]
 #: Output tokens read back for the tool name when a turn does not name its tool.
 TOOL_PARSE_TOKENS = 1024
 
+#: Every step's metadata without a host tier: nothing to copy (workers only read it).
+_NO_COPIES = KvttlConnectorMetadata()
+
 
 class _Hooks:
     """kvttl.kit.EngineHooks over vLLM's block pool: a lease's hold is one
@@ -236,14 +239,15 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
             # are still running.
             scheduled = getattr(scheduler_output, "total_num_scheduled_tokens", 1) != 0 or bool(self._in_flight)
             self.kit.step(scheduled=scheduled)
+        if self._host is None:
+            return _NO_COPIES
         meta = KvttlConnectorMetadata()
-        if self._host is not None:
-            meta.offloads, meta.reloads = self._host.take()
-            if self._hold:
-                self._batch += 1
-                meta.batch = self._batch
-                self._in_flight[self._batch] = (self._hold, [slot for _, slot in meta.offloads])
-                self._hold = []
+        meta.offloads, meta.reloads = self._host.take()
+        if self._hold:
+            self._batch += 1
+            meta.batch = self._batch
+            self._in_flight[self._batch] = (self._hold, [slot for _, slot in meta.offloads])
+            self._hold = []
         return meta
 
     def update_connector_output(self, connector_output) -> None:
@@ -298,9 +302,8 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         Reports only what changed, so a quiet engine sends nothing."""
         if self.kit is None:
             return None
-        return self._reporter.report({
-            **self.kit.stats, **self.byte_stats, "leases": self.kit.num_leases, "pinned_blocks": self.kit.num_pinned,
-            "host_blocks": self._host.num_filled if self._host is not None else 0})
+        return self._reporter.report(self.kit, self.byte_stats,
+                                     self._host.num_filled if self._host is not None else 0)
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict | None = None) -> KVConnectorStats | None:

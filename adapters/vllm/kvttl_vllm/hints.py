@@ -58,6 +58,8 @@ def parse_hints(kv_transfer_params, extra_args, *, session_id=None, kv_hints=Non
                 request_id: str = "?") -> TurnHints | None:
     """The kvttl hints of a request, or None when it has no program id. Never
     raises: bad hints are dropped with a warning, the request goes on."""
+    if not (kv_hints or kv_transfer_params or extra_args or session_id):
+        return None  # the normal path: nothing to read
     payload = _payload(kv_transfer_params, extra_args, kv_hints)
     if session_id and (payload is None or (isinstance(payload, dict) and payload.get("program_id") is None)):
         payload = {**(payload if isinstance(payload, dict) else {}), "program_id": session_id}

@@ -75,12 +75,20 @@ class KvttlPromMetrics(KVConnectorPromMetrics):
 
 
 class StatsReporter:
-    """What changed since the last report, or None: a quiet engine sends nothing."""
+    """What changed since the last report, or None: a quiet engine sends
+    nothing, and finds that out from a few integers (this runs every step)."""
 
     def __init__(self):
         self._reported = dict.fromkeys(COUNTERS + LEASE_GAUGES, 0)
+        self._seen = None
 
-    def report(self, now: dict) -> KvttlConnectorStats | None:
+    def report(self, kit, byte_stats: dict, host_blocks: int) -> KvttlConnectorStats | None:
+        seen = (kit.changes, byte_stats["offloaded_bytes"], byte_stats["reloaded_bytes"], host_blocks)
+        if seen == self._seen:
+            return None
+        self._seen = seen
+        now = {**kit.stats, **byte_stats, "leases": kit.num_leases, "pinned_blocks": kit.num_pinned,
+               "host_blocks": host_blocks}
         if now == self._reported:
             return None
         data = {k: now[k] - self._reported[k] for k in COUNTERS if now[k] != self._reported[k]}

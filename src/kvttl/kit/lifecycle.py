@@ -161,6 +161,9 @@ class EngineKit:
         self._sweep_every = min(_SWEEP_EVERY_S, self.config.forget_after_s / 4)
         self._next_sweep = -math.inf
         self.stats = dict.fromkeys(LEASE_EVENTS, 0)
+        #: bumped by every counted event: a reporter that saw this value has nothing new
+        self.changes = 0
+        self._held = 0  # programs whose lease the engine holds: the table's lease count, kept in Python
 
     def _offload_mode(self) -> str:
         if not self.has_host_tier:
@@ -193,7 +196,7 @@ class EngineKit:
             if program.finished_at is not None and program.in_flight == 0:
                 self.policy.ttl.on_tool_return(program.tool, max(0.0, now - program.finished_at))
             if program.pin is not None:
-                self.stats["hit"] += 1
+                self._count("hit")
                 if self.policy.hold_while_waiting:
                     self.table.renew(program_id, math.inf, now=now)  # no expiry while its turn waits
             if prompt_tokens is not None and prompt_tokens < program.context_tokens:
@@ -280,7 +283,7 @@ class EngineKit:
                 self._pinned(program, pin_ref)
             else:
                 reason = "cap"
-            self.stats["granted" if granted else "refused"] += 1
+            self._count("granted" if granted else "refused")
         elif ttl > 0:
             reason = "no_blocks"
         if not granted and program.pin is not None:  # a newer turn supersedes the pinned one
@@ -307,14 +310,21 @@ class EngineKit:
         old, program.pin = program.pin, _HELD if handle is None else handle
         if old is not None:
             self.hooks.unpin(None if old is _HELD else old, reason="released", copy_out=False)
-            self.stats["released"] += 1
+            self._count("released")
+        else:
+            self._held += 1
 
     def _lease_gone(self, program: Program, reason: str) -> None:
         """The table's lease of the program ended: drop the engine's hold."""
         handle, program.pin = program.pin, None
+        self._held -= 1
         copy_out = reason != "released" and self.offload_mode == "on_unpin"
         self.hooks.unpin(None if handle is _HELD else handle, reason=reason, copy_out=copy_out)
-        self.stats[reason] += 1
+        self._count(reason)
+
+    def _count(self, event: str) -> None:
+        self.stats[event] += 1
+        self.changes += 1
 
     def _ended(self, leases, reason: str) -> None:
         for lease in leases:
@@ -326,7 +336,7 @@ class EngineKit:
     def tick(self, now: float | None = None) -> list:
         """Drops every lease whose deadline has passed (reads no clock when
         there is none). Returns the expired leases."""
-        if not self.table.num_leases:
+        if not self._held:
             return []
         expired = self.table.expire(self._now(now))
         self._ended(expired, "expired")
@@ -337,7 +347,7 @@ class EngineKit:
         stall the engine: after ``config.stall_steps`` empty steps in a row
         while leases hold memory, one lease is given back. Returns how many
         leases went."""
-        if scheduled or not self.table.num_leases:
+        if scheduled or not self._held:
             self._empty_steps = 0
             return 0
         self._empty_steps += 1
@@ -359,7 +369,7 @@ class EngineKit:
         programs that arrived after its own (after ``arrival``) -- unless
         ``idle`` (nothing runs), when any lease may go: pins never stop the
         engine. Returns the revoked leases."""
-        if not self.table.num_leases:
+        if not self._held:
             return []
         turn = self._turns.get(requester) if requester is not None else None
         own, mine = (turn.program.program_id, turn.program.first_arrival) if turn is not None else (None, arrival)
@@ -409,7 +419,7 @@ class EngineKit:
 
     @property
     def num_leases(self) -> int:
-        return self.table.num_leases
+        return self._held
 
     @property
     def num_pinned(self) -> int:
@@ -432,6 +442,7 @@ class EngineKit:
         """The engine dropped its whole cache (and every hold with it): forget
         every lease, turn and program without unpinning anything."""
         self.table.release_all()
+        self._held = 0
         self._turns.clear()
         self.programs = ProgramTable(max_programs=self.config.max_programs,
                                      forget_after_s=self.config.forget_after_s)
@@ -442,5 +453,6 @@ class EngineKit:
         leased = {lease.owner for lease in self.table.leases()}
         held = {p.program_id for p in self.programs if p.pin is not None}
         assert leased == held, f"leases {sorted(map(str, leased))} but holds {sorted(map(str, held))}"
+        assert self._held == len(held) == self.table.num_leases
         in_flight = sum(p.in_flight for p in self.programs)
         assert in_flight == len(self._turns), f"{in_flight} turns counted in flight, {len(self._turns)} known"
