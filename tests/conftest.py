@@ -14,6 +14,17 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def shutdown_engine(llm) -> None:
+    """Stops an in-process vLLM engine now. Its worker's KV connector is
+    process-global in vLLM: an engine left for the garbage collector can hand
+    its connector to the next module's engine, or tear down that engine's
+    parallel groups when it is finally collected."""
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     """2 layers, hidden 128, vocab 2048, bf16: loads in seconds on the CPU."""

@@ -23,6 +23,8 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test.s
 from vllm import LLM, SamplingParams, TokensPrompt  # noqa: E402
 from vllm.config import KVTransferConfig  # noqa: E402
 
+from tests.conftest import shutdown_engine  # noqa: E402
+
 BLOCK = 128
 rng = random.Random(0)
 
@@ -42,10 +44,13 @@ def engine(tiny_llama):
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
     start = pool.get_num_free_blocks()
-    yield llm, scheduler, pool
-    # No leak: every lease and reference is gone once the traffic is.
-    assert scheduler.connector.kit.num_leases == 0
-    assert pool.get_num_free_blocks() == start
+    try:
+        yield llm, scheduler, pool
+        # No leak: every lease and reference is gone once the traffic is.
+        assert scheduler.connector.kit.num_leases == 0
+        assert pool.get_num_free_blocks() == start
+    finally:
+        shutdown_engine(llm)
 
 
 def turn(llm, prompt, max_tokens=16, **hints):

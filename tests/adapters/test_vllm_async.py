@@ -26,6 +26,7 @@ from vllm.v1.request import Request, RequestStatus  # noqa: E402
 
 from kvttl.policy import TurnHints  # noqa: E402
 from kvttl_vllm.scheduler import KvttlAsyncScheduler, KvttlScheduler, ProgramFCFSQueue  # noqa: E402
+from tests.conftest import shutdown_engine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,10 @@ def live(tiny_llama, caplog_module):
               scheduler_cls="kvttl_vllm.scheduler.KvttlScheduler",
               kv_transfer_config=KVTransferConfig(
                   kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both"))
-    return llm.llm_engine.engine_core.engine_core.scheduler
+    try:
+        yield llm.llm_engine.engine_core.engine_core.scheduler
+    finally:
+        shutdown_engine(llm)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test.s
 
 from vllm import LLM, SamplingParams, TokensPrompt  # noqa: E402
 from vllm.config import KVTransferConfig  # noqa: E402
+
+from tests.conftest import shutdown_engine  # noqa: E402
 from vllm.distributed.kv_transfer import get_kv_transfer_group  # noqa: E402
 
 BLOCK = 128
@@ -46,12 +48,15 @@ def engine(tiny_llama):
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
     start = pool.get_num_free_blocks()
-    yield llm, scheduler.connector, pool
-    # No leak: no lease, no held or in-flight block, no referenced host slot.
-    connector = scheduler.connector
-    assert connector.kit.num_leases == 0 and not connector._in_flight and not connector._hold
-    assert connector._host.pool.num_referenced == 0
-    assert pool.get_num_free_blocks() == start
+    try:
+        yield llm, scheduler.connector, pool
+        # No leak: no lease, no held or in-flight block, no referenced host slot.
+        connector = scheduler.connector
+        assert connector.kit.num_leases == 0 and not connector._in_flight and not connector._hold
+        assert connector._host.pool.num_referenced == 0
+        assert pool.get_num_free_blocks() == start
+    finally:
+        shutdown_engine(llm)
 
 
 def turn(llm, prompt, max_tokens=16, **hints):

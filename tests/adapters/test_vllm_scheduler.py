@@ -9,6 +9,8 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test.s
 from vllm import LLM, SamplingParams, TokensPrompt  # noqa: E402
 from vllm.config import KVTransferConfig  # noqa: E402
 
+from tests.conftest import shutdown_engine  # noqa: E402
+
 from kvttl_vllm.scheduler import KvttlScheduler, ProgramFCFSQueue  # noqa: E402
 
 
@@ -20,8 +22,11 @@ def engine(tiny_llama):
               kv_transfer_config=KVTransferConfig(
                   kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both"))
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    yield llm, scheduler
-    assert scheduler.connector.kit.num_leases == 0
+    try:
+        yield llm, scheduler
+        assert scheduler.connector.kit.num_leases == 0
+    finally:
+        shutdown_engine(llm)
 
 
 def params(max_tokens=8, **hints):

@@ -12,6 +12,8 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test.s
 
 from vllm import LLM, SamplingParams, TokensPrompt  # noqa: E402
 from vllm.config import KVTransferConfig  # noqa: E402
+
+from tests.conftest import shutdown_engine  # noqa: E402
 from vllm.sampling_params import StructuredOutputsParams  # noqa: E402
 
 
@@ -23,8 +25,11 @@ def engine(tiny_llama_with_tokenizer):
                   kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
                   kv_connector_extra_config={"policy": "fixed:30s"}))
     connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
-    yield llm, connector
-    assert connector.kit.num_leases == 0
+    try:
+        yield llm, connector
+        assert connector.kit.num_leases == 0
+    finally:
+        shutdown_engine(llm)
 
 
 def act(llm, prompt, regex, **hints):

@@ -92,6 +92,9 @@ class Driver:
 
     def advance(self, seconds: float) -> None: ...
 
+    def close(self) -> None:
+        """The engine goes, now."""
+
     def assert_no_leak(self) -> None:
         """With every program ended: no lease, and the engine holds nothing for kvttl."""
         assert self.kit.num_leases == 0 and self.kit.num_pinned == 0
@@ -282,6 +285,11 @@ class VllmDriver(Driver):
     def assert_no_leak(self):
         super().assert_no_leak()
         assert self.pool.get_num_free_blocks() == self.free_at_start
+
+    def close(self):
+        from tests.conftest import shutdown_engine
+
+        shutdown_engine(self.llm)
 
 
 # ---- SGLang ------------------------------------------------------------------------------------------

@@ -20,8 +20,11 @@ from tests.conformance.drivers import DRIVERS, make
 @pytest.fixture(scope="module", params=DRIVERS)
 def d(request):
     driver = make(request.param, request)
-    yield driver
-    driver.assert_no_leak()
+    try:
+        yield driver
+        driver.assert_no_leak()
+    finally:
+        driver.close()
 
 
 @pytest.fixture(autouse=True)

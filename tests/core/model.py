@@ -13,7 +13,7 @@ import math
 import operator
 from dataclasses import dataclass, field
 
-from kvttl.errors import BadArgumentError, DoubleFreeError, OutOfBlocksError, UnknownBlockError
+from kvttl.errors import BadArgumentError, DoubleFreeError, KvttlError, OutOfBlocksError, UnknownBlockError
 
 U64 = 1 << 64
 
@@ -402,3 +402,21 @@ class ModelTable:
         for lease in ranked:
             self._end(lease)
         return len(ranked)
+
+
+def run_both(native, model):
+    """Runs the model, then the native call: both must raise the same error
+    type or both return. Returns (native result, model result, raised)."""
+    try:
+        expected = model()
+    except KvttlError as e:
+        expected_error = type(e)
+    else:
+        expected_error = None
+    try:
+        got = native()
+    except KvttlError as e:
+        assert expected_error is type(e), f"native raised {e!r}, model {expected_error}"
+        return None, None, True
+    assert expected_error is None, f"model raised {expected_error}, native returned {got!r}"
+    return got, expected, False

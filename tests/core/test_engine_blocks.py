@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import kvttl
-from kvttl.errors import BadArgumentError, KvttlError, UnknownBlockError
+from kvttl.errors import BadArgumentError, UnknownBlockError
 
-from .model import ModelEngineBlocks, ModelTable
+from .model import ModelEngineBlocks, ModelTable, run_both
 
 
 def table(n=8, cap=1.0):
@@ -103,18 +103,7 @@ class EngineBlocksMachine(RuleBasedStateMachine):
         self.table = kvttl.LeaseTable.for_engine_blocks(n, pinned_share_cap=cap, clock=lambda: self.now)
         self.model = ModelTable(ModelEngineBlocks(n), cap)
 
-    def both(self, native, model):
-        try:
-            expected, expected_error = model(), None
-        except KvttlError as e:
-            expected, expected_error = None, type(e)
-        try:
-            got = native()
-        except KvttlError as e:
-            assert expected_error is type(e), f"native raised {e!r}, model {expected_error}"
-            return None, None, True
-        assert expected_error is None, f"model raised {expected_error}, native returned {got!r}"
-        return got, expected, False
+    both = staticmethod(run_both)
 
     @rule(data=st.data(), owner=OWNERS, ttl=TTLS)
     def grant(self, data, owner, ttl):

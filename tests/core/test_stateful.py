@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import kvttl
 from kvttl.errors import KvttlError
 
-from .model import ModelPool, ModelTable
+from .model import ModelPool, ModelTable, run_both
 
 OWNERS = st.sampled_from(["a", "b", "c", 1, 2, -7])
 TTLS = st.one_of(
@@ -54,21 +54,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.ended = set()  # lease ids already returned by release/expire/revoke
 
     # -- plumbing ------------------------------------------------------------------
-    def both(self, native, model):
-        """Runs both; they must both raise the same error type or both return."""
-        try:
-            expected = model()
-        except KvttlError as e:
-            expected_error = type(e)
-        else:
-            expected_error = None
-        try:
-            got = native()
-        except KvttlError as e:
-            assert expected_error is type(e), f"native raised {e!r}, model {expected_error}"
-            return None, None, True
-        assert expected_error is None, f"model raised {expected_error}, native returned {got!r}"
-        return got, expected, False
+    both = staticmethod(run_both)
 
     def ids_strategy(self):
         return st.lists(st.integers(-1, self.mpool.capacity), max_size=6)
