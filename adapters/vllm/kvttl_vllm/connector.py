@@ -149,8 +149,11 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
     # ---- scheduler side -----------------------------------------------------------
     def bind_gpu_block_pool(self, gpu_block_pool) -> None:
         self._pool = gpu_block_pool
+        sched = self._vllm_config.scheduler_config
         self.kit = EngineKit(_Hooks(self), num_blocks=gpu_block_pool.num_gpu_blocks, block_size=self._block_size,
-                             config=self.config, has_host_tier=self._host is not None)
+                             config=self.config, has_host_tier=self._host is not None,
+                             chunk_tokens=sched.max_num_batched_tokens if sched.enable_chunked_prefill else None,
+                             kv_bytes_per_token=self._block_bytes / self._block_size)
 
     def on_new_request(self, request) -> None:
         if self.kit is not None:
@@ -255,6 +258,8 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         meta = connector_output.kv_connector_worker_meta
         if not isinstance(meta, KvttlWorkerMeta):
             return
+        if meta.copied_bytes and self.kit is not None:
+            self.kit.observe_host_copy(meta.copied_bytes, meta.copy_s)
         for batch in meta.done | meta.failed:
             blocks, slots = self._in_flight.pop(batch, ([], []))
             if blocks:
@@ -356,9 +361,10 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         return errors
 
     def build_connector_worker_meta(self):
-        if not (self._done or self._failed):
+        copied, seconds = self._copier.take_timing() if self._copier is not None else (0, 0.0)
+        if not (self._done or self._failed or copied):
             return None
-        meta = KvttlWorkerMeta(done=self._done, failed=self._failed)
+        meta = KvttlWorkerMeta(done=self._done, failed=self._failed, copied_bytes=copied, copy_s=seconds)
         self._done, self._failed = set(), set()
         return meta
 

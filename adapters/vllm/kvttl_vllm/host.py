@@ -22,6 +22,7 @@ a new request and overwritten by that forward.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import kvttl
@@ -51,14 +52,21 @@ class KvttlConnectorMetadata(KVConnectorMetadata):
 class KvttlWorkerMeta(KVConnectorWorkerMetadata):
     """Offload batches a worker finished, and those that failed. Every
     tensor-parallel worker runs every batch; merged, a batch that any worker
-    failed counts as failed."""
+    failed counts as failed. ``copied_bytes`` in ``copy_s``: what one worker
+    moved (both ways) since its last report, for the bandwidth Reload(r)
+    uses; workers copy their shards in parallel, so merged, the slowest
+    worker's figures count."""
 
     done: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)
+    copied_bytes: int = 0
+    copy_s: float = 0.0
 
     def aggregate(self, other: "KvttlWorkerMeta") -> "KvttlWorkerMeta":
         failed = self.failed | other.failed
-        return KvttlWorkerMeta(done=(self.done | other.done) - failed, failed=failed)
+        slow = self if self.copy_s >= other.copy_s else other
+        return KvttlWorkerMeta(done=(self.done | other.done) - failed, failed=failed,
+                               copied_bytes=slow.copied_bytes, copy_s=slow.copy_s)
 
 
 def block_bytes(kv_cache_config) -> int:
@@ -209,6 +217,9 @@ class HostCopier:
         self.engine = TransferEngine(layers, self.tier)
         self._cuda = self.engine.backend == "cuda"
         self.bad_slots: set[int] = set()
+        #: bytes copied (both ways) and the seconds the copies took, since last taken
+        self.copied_bytes = 0
+        self.copy_s = 0.0
         logger.info("kvttl host tier: %d slots of %d bytes (%.2f GiB, %s backend, %d layer tensors)", num_slots,
                     self.tier.slot_bytes, num_slots * self.tier.slot_bytes / 2**30, self.engine.backend, len(layers))
 
@@ -220,10 +231,22 @@ class HostCopier:
 
         return torch.cuda.current_stream()
 
+    def _timed(self, num_blocks: int, started: float) -> None:
+        self.copied_bytes += num_blocks * self.tier.slot_bytes
+        self.copy_s += time.perf_counter() - started
+
+    def take_timing(self) -> tuple[int, float]:
+        """``(bytes, seconds)`` copied since the last call."""
+        timing = self.copied_bytes, self.copy_s
+        self.copied_bytes, self.copy_s = 0, 0.0
+        return timing
+
     def offload(self, pairs: list[tuple[int, int]]) -> bool:
         blocks, slots = [b for b, _ in pairs], [s for _, s in pairs]
         try:
+            started = time.perf_counter()
             self.engine.offload(blocks, slots, after=self._after()).wait()
+            self._timed(len(pairs), started)
         except Exception as e:  # a failed copy loses the host copy, never the request
             logger.error("kvttl host tier: offload of %d blocks failed: %s", len(pairs), e)
             self.bad_slots.update(slots)
@@ -237,7 +260,9 @@ class HostCopier:
         failed = {b for s, b in pairs if s in self.bad_slots}
         if good:
             try:
+                started = time.perf_counter()
                 self.engine.reload([s for s, _ in good], [b for _, b in good], after=self._after()).wait()
+                self._timed(len(good), started)
             except Exception as e:
                 logger.error("kvttl host tier: reload of %d blocks failed: %s", len(good), e)
                 failed.update(b for _, b in good)

@@ -13,6 +13,8 @@ of one turn, so without agents this is exactly vLLM's FCFS.
 
 Only the queue's order changes (and only under ``--scheduling-policy fcfs``,
 vLLM's default); admission, preemption and the KV cache stay vLLM's own.
+The scheduler also times each step for the kit (``EngineKit.observe_step``),
+so that Reload(r) is this engine's prefill cost, not a constant.
 
 ``KvttlScheduler`` becomes the scheduler vLLM would have run without it:
 vLLM's ``AsyncScheduler`` underneath when async scheduling is on (the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -120,6 +123,7 @@ class KvttlScheduler(Scheduler):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._kvttl_last_output_at = 0.0
         logger.info("kvttl: %s (vLLM's %s with program-level queues)", type(self).__name__,
                     "AsyncScheduler" if isinstance(self, AsyncScheduler) else "Scheduler")
         if self.policy == SchedulingPolicy.FCFS:
@@ -127,6 +131,26 @@ class KvttlScheduler(Scheduler):
                 raise RuntimeError("KvttlScheduler: the waiting queues must be empty at start")
             self.waiting = ProgramFCFSQueue(self.program_key)
             self.kv_holding_waiting = ProgramFCFSQueue(self.program_key)
+
+    # ---- what a step costs: the kit learns this engine's prefill rate -----------------
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        output._kvttl_scheduled_at = time.perf_counter()
+        return output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        """Times the step before vLLM digests it: from the later of its
+        scheduling and the previous step's output (with async scheduling the
+        next step is scheduled while this one runs) to its output."""
+        now = time.perf_counter()
+        started = getattr(scheduler_output, "_kvttl_scheduled_at", None)
+        tokens = scheduler_output.total_num_scheduled_tokens
+        if started is not None and tokens:
+            kit = kit_of(self.connector)
+            if kit is not None:
+                kit.observe_step(tokens, now - max(started, self._kvttl_last_output_at))
+        self._kvttl_last_output_at = now
+        return super().update_from_output(scheduler_output, model_runner_output)
 
     def program_key(self, request: Request) -> tuple:
         """The kit's queue key; vLLM's FCFS (arrival order) without kvttl's

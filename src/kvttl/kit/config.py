@@ -16,7 +16,8 @@ from typing import Any
 import attrs
 
 from kvttl.errors import BadArgumentError
-from kvttl.policy import OFFLOAD_MODES, get_policy
+from kvttl.policy import MAX_TTL_S, OFFLOAD_MODES, get_policy
+from kvttl.policy.hints import MAX_TOOL_BYTES
 
 __all__ = ["KitConfig", "load_config", "CONFIG_KEYS"]
 
@@ -32,8 +33,16 @@ class KitConfig:
     policy: str = "continuum"
     #: most of the engine's blocks that leases may pin at once, in [0, 1]
     pinned_share_cap: float = 0.8
-    #: prefill rate behind Reload(r) until the engine measures its own
+    #: prefill rate behind Reload(r): the prior, until the engine's own steps
+    #: say otherwise (``measure_costs``)
     reload_tokens_per_s: float = 10_000.0
+    #: learn the engine's prefill rate and host-tier bandwidth from its own
+    #: step and copy timings (engines that report them); off: the prior stays
+    measure_costs: bool = True
+    #: seconds a tool is expected to take, before the engine has seen it
+    #: return (``{"bash": 1.5, "*": 2}``; ``*`` is every other tool): the mean
+    #: of the exponential prior the TTL policy starts from
+    tool_priors_s: dict = attrs.field(factory=dict)
     #: order the waiting queue by program (Continuum's program-level FCFS)
     program_fcfs: bool = True
     #: when to copy blocks to a host tier; None: the policy's choice, or
@@ -64,6 +73,18 @@ def _number(source: str, key: str, value: Any, *, low: float, high: float = math
             bound += f" and <= {high:g}"
         raise BadArgumentError(f"{source}: {key} must be {kind} {bound}, got {value!r}")
     return int(value) if integer else float(value)
+
+
+def _tool_priors(source: str, given: Any) -> dict:
+    if not isinstance(given, Mapping):
+        raise BadArgumentError(f"{source}: tool_priors_s must be an object of tool -> seconds, got {given!r}")
+    priors = {}
+    for tool, seconds in given.items():
+        if not isinstance(tool, str) or not tool or len(tool.encode("utf-8", "replace")) > MAX_TOOL_BYTES:
+            raise BadArgumentError(f"{source}: tool_priors_s: {tool!r} is not a tool name "
+                                   f"(a non-empty string of at most {MAX_TOOL_BYTES} bytes, or '*')")
+        priors[tool] = _number(source, f"tool_priors_s[{tool!r}]", seconds, low=0.0, high=MAX_TTL_S, low_open=True)
+    return priors
 
 
 def load_config(given: Mapping | None, *, source: str = "kvttl config",
@@ -100,8 +121,11 @@ def load_config(given: Mapping | None, *, source: str = "kvttl config",
     if "reload_tokens_per_s" in values:
         values["reload_tokens_per_s"] = _number(source, "reload_tokens_per_s", values["reload_tokens_per_s"], low=0.0,
                                                 low_open=True)
-    if "program_fcfs" in values and not isinstance(values["program_fcfs"], bool):
-        raise BadArgumentError(f"{source}: program_fcfs must be true or false, got {values['program_fcfs']!r}")
+    for key in ("program_fcfs", "measure_costs"):
+        if key in values and not isinstance(values[key], bool):
+            raise BadArgumentError(f"{source}: {key} must be true or false, got {values[key]!r}")
+    if "tool_priors_s" in values:
+        values["tool_priors_s"] = _tool_priors(source, values["tool_priors_s"])
     if values.get("offload") is not None and values["offload"] not in OFFLOAD_MODES:
         raise BadArgumentError(f"{source}: offload must be one of {', '.join(OFFLOAD_MODES)}, "
                                f"got {values['offload']!r}")

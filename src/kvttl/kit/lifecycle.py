@@ -31,6 +31,7 @@ from typing import Callable, Hashable, NamedTuple, Protocol
 import kvttl
 from kvttl.errors import BadArgumentError
 from kvttl.kit.config import KitConfig
+from kvttl.kit.costs import HostCosts, StepCosts
 from kvttl.kit.programs import Program, ProgramTable
 from kvttl.policy import QueueEntry, ReloadModel, SchedulingPolicy, TurnContext, TurnHints, get_policy
 
@@ -126,23 +127,36 @@ class EngineKit:
     memory through :class:`EngineHooks`.
 
     ``policy`` overrides ``config.policy`` with a bundle already built (the
-    simulator's, with its engine facts). ``reload`` is Reload(r); by default
-    linear at ``config.reload_tokens_per_s``. ``has_host_tier``: the engine
-    can copy blocks out and back (:meth:`EngineHooks.copy_out`).
+    simulator's, with its engine facts). ``has_host_tier``: the engine can
+    copy blocks out and back (:meth:`EngineHooks.copy_out`).
+
+    Reload(r), what a lost context costs, is ``reload`` when the engine knows
+    it exactly (the simulator). Otherwise the kit learns it: the engine
+    reports its steps (:meth:`observe_step`; ``chunk_tokens`` is the most it
+    prefills in one) and host copies (:meth:`observe_host_copy`, with
+    ``kv_bytes_per_token``), starting from ``config.reload_tokens_per_s``.
     """
 
     def __init__(self, hooks: EngineHooks, *, num_blocks: int, block_size: int, config: KitConfig | None = None,
                  policy: SchedulingPolicy | None = None, pool: kvttl.BlockPool | None = None,
                  clock: Callable[[], float] = time.monotonic, has_host_tier: bool = False,
-                 reload: ReloadModel | None = None):
+                 reload: ReloadModel | None = None, chunk_tokens: int | None = None,
+                 kv_bytes_per_token: float = 0.0):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise BadArgumentError(f"EngineKit: block_size must be a positive int, got {block_size!r}")
         self.config = config or KitConfig()
         self.hooks = hooks
         self.block_size = block_size
         self.clock = clock
+        learn = reload is None and self.config.measure_costs
+        self.step_costs = StepCosts(prior_tokens_per_s=self.config.reload_tokens_per_s,
+                                    chunk_tokens=chunk_tokens) if learn else None
+        self.host_costs = HostCosts(kv_bytes_per_token=kv_bytes_per_token) if learn and has_host_tier else None
         self.reload = reload or ReloadModel(b=1.0 / self.config.reload_tokens_per_s)
+        self._costs_seen = 0  # observations already folded into self.reload
         self.policy = policy or get_policy(self.config.policy, capacity_blocks=num_blocks, reload=self.reload)
+        for tool, mean_s in self.config.tool_priors_s.items():
+            self.policy.ttl.set_prior(tool, mean_s)
         if pool is not None:
             if pool.capacity != num_blocks:
                 raise BadArgumentError(f"EngineKit: the pool has {pool.capacity} blocks, num_blocks says {num_blocks}")
@@ -267,6 +281,8 @@ class EngineKit:
         program.finished_at, program.tool, program.context_tokens = now, tool, num_tokens
         num_blocks = len(blocks)
         bs = self.block_size
+        if self.step_costs is not None:
+            self._refresh_reload()
         context = TurnContext(
             program_id=program_id, tool=tool, turn_index=turn.index, num_tokens=num_tokens, num_blocks=num_blocks,
             prefill_s=self.reload.prefill_s(num_tokens),
@@ -331,6 +347,35 @@ class EngineKit:
             program = self.programs.get(lease.owner)
             if program is not None and program.pin is not None:
                 self._lease_gone(program, reason)
+
+    # ---- what the engine's work costs -------------------------------------------------
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """One engine step scheduled ``num_tokens`` (prefill and decode) and
+        ran for ``seconds``: the prefill rate behind Reload(r) follows."""
+        if self.step_costs is not None:
+            self.step_costs.observe(num_tokens, seconds)
+
+    def observe_host_copy(self, num_bytes: int, seconds: float) -> None:
+        """The host tier copied ``num_bytes`` (either way) in ``seconds``."""
+        if self.host_costs is not None:
+            self.host_costs.observe(num_bytes, seconds)
+
+    def _refresh_reload(self) -> None:
+        seen = self.step_costs.num_steps + (self.host_costs.num_copies if self.host_costs is not None else 0)
+        if seen == self._costs_seen:
+            return
+        self._costs_seen = seen
+        host = self.host_costs
+        base = ReloadModel(kv_bytes_per_token=host.kv_bytes_per_token, host_bytes_per_s=host.bytes_per_s) \
+            if host is not None and host.kv_bytes_per_token > 0 else None
+        self.reload = self.step_costs.prefill_model(base)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """The prefill rate Reload(r) uses now (measured, or the prior)."""
+        if self.step_costs is not None:
+            self._refresh_reload()
+        return math.inf if self.reload.b == 0 else 1.0 / self.reload.b
 
     # ---- every step --------------------------------------------------------------------
     def tick(self, now: float | None = None) -> list:

@@ -97,8 +97,27 @@ class ToolDurationEstimator:
         self._global = _Window(window)
         self._tools: dict[str, _Window] = {}
         self.num_observed = 0
-        q = (np.arange(prior_points) + 0.5) / prior_points
-        self._prior = DurationCDF(np.sort(-prior_mean_s * np.log1p(-q)))
+        self._prior_points = prior_points
+        self._prior = self._exponential(prior_mean_s)
+        self._tool_priors: dict[str, DurationCDF] = {}
+
+    def _exponential(self, mean_s: float) -> DurationCDF:
+        q = (np.arange(self._prior_points) + 0.5) / self._prior_points
+        return DurationCDF(np.sort(-mean_s * np.log1p(-q)))
+
+    def set_prior(self, tool: str, mean_s: float) -> None:
+        """An operator's expectation: ``tool`` takes about ``mean_s`` seconds
+        (an exponential prior of that mean), used until the tool has
+        ``min_samples`` returns of its own. ``tool`` "*" replaces the prior of
+        every tool without one of its own."""
+        if not (isinstance(mean_s, (int, float)) and mean_s > 0 and math.isfinite(mean_s)):
+            raise BadArgumentError(f"the prior of tool {tool!r} must be a positive number of seconds, got {mean_s!r}")
+        if tool == "*":
+            self._prior = self._exponential(float(mean_s))
+        elif tool in self._tool_priors or len(self._tool_priors) < self.max_tools:
+            self._tool_priors[tool] = self._exponential(float(mean_s))
+        else:
+            raise BadArgumentError(f"at most {self.max_tools} tool priors")
 
     def observe(self, tool: str, duration_s: float) -> None:
         """Records one return of ``tool`` after ``duration_s`` seconds."""
@@ -117,16 +136,19 @@ class ToolDurationEstimator:
         self.num_observed += 1
 
     def stage(self, tool: str) -> str:
-        """Which estimate ``cdf(tool)`` uses: ``prior``, ``global`` or ``tool``."""
-        if self.num_observed < self.min_samples:
-            return "prior"
+        """Which estimate ``cdf(tool)`` uses: ``prior``, ``global`` or ``tool``.
+        A tool with a prior of its own keeps it until its own samples suffice."""
         win = self._tools.get(tool or "")
-        return "tool" if win is not None and len(win) >= self.min_samples else "global"
+        if win is not None and len(win) >= self.min_samples:
+            return "tool"
+        if self.num_observed < self.min_samples or (tool or "") in self._tool_priors:
+            return "prior"
+        return "global"
 
     def cdf(self, tool: str) -> DurationCDF:
         stage = self.stage(tool)
         if stage == "prior":
-            return self._prior
+            return self._tool_priors.get(tool or "", self._prior)
         if stage == "global":
             return self._global.cdf()
         return self._tools[tool or ""].cdf()

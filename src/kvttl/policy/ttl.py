@@ -6,6 +6,7 @@ string:
 
 - ``ttl(turn)``                 a non-final turn finished; return seconds to pin (0: don't)
 - ``offload(turn)``             the same turn: copy it to the host tier now? (default: no)
+- ``set_prior(tool, mean_s)``   once, at start: the operator's expectation of a tool
 - ``on_tool_return(tool, s)``   the program's next turn arrived ``s`` seconds after the finish
 - ``on_admitted(delay_s, evicted)``  a returning turn was scheduled after ``delay_s`` in queue;
                                 ``evicted``: its previous context was (partly) gone
@@ -84,6 +85,10 @@ class TTLPolicy(Protocol):
         whatever the pin decision (InferCept's swap). Asked only when the
         engine has a host tier."""
         return False
+
+    def set_prior(self, tool: str, mean_s: float) -> None:
+        """An operator expects ``tool`` ("*": any tool) to take about ``mean_s``
+        seconds (config ``tool_priors_s``); a policy that learns nothing ignores it."""
 
     def on_tool_return(self, tool: str, duration_s: float) -> None:
         """The program's next turn arrived ``duration_s`` after this one finished."""
@@ -182,6 +187,9 @@ class ContinuumTTL(TTLPolicy):
         if self.honor_hints and turn.hint_ttl_s is not None:
             return turn.hint_ttl_s
         return continuum_tau(self.estimator.cdf(turn.tool), self.value_s(turn))
+
+    def set_prior(self, tool: str, mean_s: float) -> None:
+        self.estimator.set_prior(tool, mean_s)
 
     def on_tool_return(self, tool: str, duration_s: float) -> None:
         self.estimator.observe(tool, duration_s)
