@@ -13,6 +13,17 @@ mechanism, not a PCIe link). Mean and p95
 job completion time (wall clock) and prefix hit rates come from vLLM's own
 outputs. Then a single-turn batch with no program ids (the normal path) gives
 tokens/s for the overhead pair. Everything is the median over --repeats.
+
+The same command should mean the same on a fast or a slow machine, so by
+default (--calibrate 1) a first child measures P, this machine's prefill of
+one --context prompt, and the tool sleeps (--tool-prefills x P), program
+stagger (P) and background rate (--background-load prompts per P) follow
+from it; the pool and the contexts are in blocks and tokens already. Beside
+the JCT the result reports what the workload did: the share of returning
+turns that lost context under stock (the pressure created: with none there
+is nothing to gain), the latency of the background requests (traffic
+without a program id) under each, and kvttl's leases granted and the share
+of them that were hit.
 """
 
 from __future__ import annotations
@@ -49,20 +60,35 @@ def run_mode(args) -> dict:
     if args.mode == "kvttl":
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
-            kv_connector_extra_config={"policy": args.policy, "host_tier_blocks": args.host_tier_blocks})
+            kv_connector_extra_config={"policy": args.policy, "host_tier_blocks": args.host_tier_blocks,
+                                       "max_queue_jump_s": None if args.max_queue_jump_s < 0 else args.max_queue_jump_s})
         if args.program_fcfs:
             kw["scheduler_cls"] = "kvttl_vllm.scheduler.KvttlScheduler"
     llm = LLM(model=args.model, skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=4096,
               dtype="bfloat16", gpu_memory_utilization=0.3, num_gpu_blocks_override=args.blocks, **kw)
     engine = llm.llm_engine
+    block = engine.vllm_config.cache_config.block_size
     rng = random.Random(args.seed)
 
     def params(n, hints=None):
         extra = {"kv_transfer_params": {"kvttl": hints}} if hints and args.mode == "kvttl" else None
         return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args=extra)
 
+    if args.mode == "calibrate":  # how long this machine takes to prefill one program's first prompt
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(2048) for _ in range(args.context)]) for _ in range(4)]
+        times = []
+        for prompt in prompts:
+            t = time.perf_counter()
+            llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+            times.append(time.perf_counter() - t)
+        return {"prefill_s": statistics.median(times[1:])}  # the first one warms up
+    connector = engine.engine_core.engine_core.scheduler.connector if args.mode == "kvttl" else None
+
     def agents_once():
         programs = []
+        bg_started, bg_latency = {}, []
+        returning = lost = 0  # returning turns, and those whose context was (partly) re-prefilled
+        leases_before = dict(connector.stats) if connector is not None else {}
         t0 = time.monotonic()
         for p in range(args.programs):
             programs.append({"id": f"p{p}", "turn": 0, "prompt": [rng.randrange(2048) for _ in range(args.context)],
@@ -83,17 +109,24 @@ def run_mode(args) -> dict:
             if now >= bg_next:  # background single-turn traffic
                 engine.add_request(f"bg{bg_count}", TokensPrompt(prompt_token_ids=[rng.randrange(2048) for _ in range(args.context)]),
                                    params(4))
+                bg_started[f"bg{bg_count}"] = now
                 bg_count += 1
                 bg_next = now + args.background_s
             if not engine.has_unfinished_requests():
                 time.sleep(0.005)
                 continue
             for out in engine.step():
+                if out.finished and out.request_id in bg_started:
+                    bg_latency.append(time.monotonic() - bg_started.pop(out.request_id))
                 if not out.finished or out.request_id not in inflight:
                     continue
                 p = inflight.pop(out.request_id)
                 cached += out.num_cached_tokens or 0
                 prompt_tokens += len(out.prompt_token_ids)
+                if p["turn"] > 0:  # all but the last block of the previous context could have been kept
+                    returning += 1
+                    lost += (out.num_cached_tokens or 0) < (p["kept"] // block - 1) * block
+                p["kept"] = len(p["prompt"]) + len(out.outputs[0].token_ids)
                 p["prompt"] = p["prompt"] + list(out.outputs[0].token_ids) + [rng.randrange(2048) for _ in range(args.new_tokens)]
                 p["turn"] += 1
                 if p["turn"] == args.turns:
@@ -102,13 +135,18 @@ def run_mode(args) -> dict:
                     p["next"] = time.monotonic() + p["sleeps"][p["turn"]]
         while engine.has_unfinished_requests():
             engine.step()
+            for out in engine.step():
+                if out.finished and out.request_id in bg_started:
+                    bg_latency.append(time.monotonic() - bg_started.pop(out.request_id))
         jct = [p["done"] - p["start"] for p in programs]
-        return jct, cached / max(1, prompt_tokens)
+        leases = {k: connector.stats[k] - leases_before.get(k, 0) for k in ("granted", "hit")} if connector else {}
+        return {"jct": jct, "hit": cached / max(1, prompt_tokens), "bg": bg_latency,
+                "lost": lost / max(1, returning), "leases": leases}
 
     results = [agents_once() for _ in range(args.repeats)]
-    jcts = [statistics.mean(j) for j, _ in results]
-    p95s = [sorted(j)[max(0, int(round(0.95 * len(j))) - 1)] for j, _ in results]
-    hit = statistics.median(h for _, h in results)
+    jcts = [statistics.mean(r["jct"]) for r in results]
+    p95s = [p95(r["jct"]) for r in results]
+    hit = statistics.median(r["hit"] for r in results)
     # The normal path: single-turn requests, no program ids.
     single = [TokensPrompt(prompt_token_ids=[rng.randrange(2048) for _ in range(args.single_tokens)]) for _ in range(args.single_batch)]
     rates = []
@@ -118,10 +156,21 @@ def run_mode(args) -> dict:
         dt = time.perf_counter() - t0
         rates.append(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt)
     result = {"mean_jct_s": statistics.median(jcts), "p95_jct_s": statistics.median(p95s), "prefix_hit_rate": hit,
-              "tok_s": statistics.median(rates)}
+              "tok_s": statistics.median(rates),
+              "background_mean_s": statistics.median(statistics.mean(r["bg"]) for r in results),
+              "background_p95_s": statistics.median(p95(r["bg"]) for r in results),
+              "returning_turns_lost": statistics.median(r["lost"] for r in results)}
     if args.mode == "kvttl":
+        result["leases_granted"] = statistics.median(r["leases"]["granted"] for r in results)
+        result["lease_hit_share"] = statistics.median(r["leases"]["hit"] / max(1, r["leases"]["granted"])
+                                                      for r in results)
+        result["prefill_tokens_per_s_learned"] = connector.kit.prefill_tokens_per_s
         result["hook_share"] = hook_share(llm, single, args)
     return result
+
+
+def p95(values) -> float:
+    return sorted(values)[max(0, int(round(0.95 * len(values))) - 1)] if values else 0.0
 
 
 #: Everything vLLM calls into kvttl: the connector's hooks (both roles) and the waiting queue's.
@@ -176,7 +225,7 @@ def hook_share(llm, prompts, args) -> list[float]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json")
-    ap.add_argument("--mode", choices=["stock", "kvttl"], help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=["stock", "kvttl", "calibrate"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--policy", default="continuum")
     ap.add_argument("--programs", type=int, default=4)
@@ -184,9 +233,18 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=2000, help="tokens in a program's first prompt")
     ap.add_argument("--new-tokens", type=int, default=50)
     ap.add_argument("--output", type=int, default=16)
+    ap.add_argument("--calibrate", type=int, choices=[0, 1], default=1,
+                    help="1: measure this machine's prefill time P of one --context prompt first, and set "
+                         "--tool-s, --stagger and --background-s from it (below), so that a re-prefill costs the "
+                         "same share of a turn on a fast or a slow machine; 0: take them as given")
+    ap.add_argument("--tool-prefills", type=float, default=3.0, help="calibrated: mean tool sleep = this x P")
+    ap.add_argument("--background-load", type=float, default=0.6,
+                    help="calibrated: background prompts arrive every P / this seconds")
     ap.add_argument("--tool-s", type=float, default=0.5, help="mean tool sleep")
-    ap.add_argument("--stagger", type=float, default=0.2)
+    ap.add_argument("--stagger", type=float, default=0.2, help="seconds between program starts (calibrated: P)")
     ap.add_argument("--background-s", type=float, default=0.4, help="seconds between background prompts")
+    ap.add_argument("--max-queue-jump-s", type=float, default=1.0,
+                    help="kvttl side: the kit's max_queue_jump_s (negative: unbounded, Continuum's order)")
     ap.add_argument("--blocks", type=int, default=40)
     ap.add_argument("--single-batch", type=int, default=16)
     ap.add_argument("--single-tokens", type=int, default=500)
@@ -203,8 +261,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "model")
         make_model(model)
-        out = {}
-        for mode in ("stock", "kvttl"):
+
+        def child(mode):
             forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                          if k not in ("json", "mode", "model")]
             cmd = [sys.executable, __file__, "--mode", mode, "--model", model, *forwarded]
@@ -213,7 +271,17 @@ def main(argv=None):
             if line is None:
                 sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
                 raise SystemExit(f"{mode} run failed")
-            out[mode] = json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT "):])
+
+        prefill_s = None
+        if args.calibrate:
+            prefill_s = child("calibrate")["prefill_s"]
+            args.tool_s = args.tool_prefills * prefill_s
+            args.stagger = prefill_s
+            args.background_s = prefill_s / args.background_load
+            print(f"calibrated: a {args.context}-token prefill takes {prefill_s:.3f} s; tool {args.tool_s:.2f} s, "
+                  f"background every {args.background_s:.2f} s", file=sys.stderr)
+        out = {mode: child(mode) for mode in ("stock", "kvttl")}
     result = {
         "stock_mean_jct_s": out["stock"]["mean_jct_s"], "kvttl_mean_jct_s": out["kvttl"]["mean_jct_s"],
         "jct_speedup": out["stock"]["mean_jct_s"] / out["kvttl"]["mean_jct_s"],
@@ -223,6 +291,18 @@ def main(argv=None):
         "single_turn_throughput_ratio": out["kvttl"]["tok_s"] / out["stock"]["tok_s"],
         # time inside kvttl's hooks / wall time on the normal path, median over repeats (upper bound)
         "normal_path_hook_share": statistics.median(out["kvttl"]["hook_share"]),
+        # traffic without a program id: its latency (add -> finish) under each, and kvttl's over stock's
+        "stock_background_mean_s": out["stock"]["background_mean_s"],
+        "kvttl_background_mean_s": out["kvttl"]["background_mean_s"],
+        "background_latency_ratio": out["kvttl"]["background_mean_s"] / out["stock"]["background_mean_s"],
+        "stock_background_p95_s": out["stock"]["background_p95_s"],
+        "kvttl_background_p95_s": out["kvttl"]["background_p95_s"],
+        # the pressure created: share of returning turns that re-prefilled part of their context
+        "pressure_returning_turns_lost_stock": out["stock"]["returning_turns_lost"],
+        "returning_turns_lost_kvttl": out["kvttl"]["returning_turns_lost"],
+        "leases_granted": out["kvttl"]["leases_granted"], "lease_hit_share": out["kvttl"]["lease_hit_share"],
+        "prefill_s_measured": prefill_s,
+        "prefill_tokens_per_s_learned_by_kvttl": out["kvttl"]["prefill_tokens_per_s_learned"],
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "mode", "model")} | {"date": time.strftime("%Y-%m-%d")},
     }
     print(json.dumps(result, indent=2))

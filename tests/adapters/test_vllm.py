@@ -98,6 +98,39 @@ def test_an_expired_pin_frees_its_blocks(engine):
     assert scheduler.connector.stats["expired"] >= 1
 
 
+def test_an_idle_engine_steps_once_to_expire_a_due_lease(engine):
+    """Issue #17: with no requests, vLLM's engine asks the connector whether to
+    step (has_pending_push_work); a due lease says yes, once, and that empty
+    step expires it. (In `vllm serve` a waker thread also posts the wake-up
+    at the deadline: tests/adapters/test_vllm_serve.py.)"""
+    llm, scheduler, pool = engine
+    core = llm.llm_engine.engine_core.engine_core
+    connector = scheduler.connector
+    before = pool.get_num_free_blocks()
+    expired, revoked = connector.stats["expired"], connector.stats["revoked"]
+    out = turn(llm, tokens(500), program_id="agent-idle", tool="bash", ttl="1s")
+    assert out.kv_transfer_params["kvttl"]["lease_granted"]
+    assert not scheduler.has_unfinished_requests() and not connector.has_pending_push_work()  # not due yet
+    time.sleep(1.1)
+    assert connector.has_pending_push_work() and scheduler.has_requests()
+    core.step()
+    assert connector.stats["expired"] == expired + 1
+    assert pool.get_num_free_blocks() == before and not scheduler.has_requests()
+    # Empty steps at deadlines are no stall: a long lease held meanwhile stays.
+    turn(llm, tokens(300), program_id="agent-idle-long", tool="bash", ttl="60s")
+    stall_steps = connector.config.stall_steps
+    for i in range(stall_steps):
+        out = turn(llm, tokens(300), program_id=f"agent-idle-{i}", tool="bash", ttl="0.3s")
+        assert out.kv_transfer_params["kvttl"]["lease_granted"]
+        time.sleep(0.35)
+        assert connector.has_pending_push_work()
+        core.step()
+    assert connector.stats["revoked"] == revoked and connector.holds_lease("agent-idle-long")
+    assert connector.stats["expired"] == expired + 1 + stall_steps
+    for program in ["agent-idle", "agent-idle-long"] + [f"agent-idle-{i}" for i in range(stall_steps)]:
+        turn(llm, tokens(50), program_id=program, last_turn=True)
+
+
 def test_pins_never_stall_the_engine(engine):
     """More pinned programs than the pool can hold: each new turn needs blocks
     that leases hold, so the connector revokes (latest first) instead of the
@@ -129,9 +162,21 @@ def test_bad_hints_are_ignored_with_a_warning_not_a_crash(engine, hints, caplog)
         out = turn(llm, tokens(300), **hints)
     assert len(out.outputs[0].token_ids) == 16
     assert any("kvttl" in r.getMessage() for r in caplog.records)
+    report = out.kv_transfer_params["kvttl"]  # issue #17: the client is told, not only the log
     if isinstance(hints["program_id"], str) and hints["program_id"]:
         # a bad ttl is dropped; the policy decides instead. End the program.
+        assert any("ttl ignored" in w and "soon" in w for w in report["hint_warnings"])
+        assert "hint_errors" not in report
         turn(llm, tokens(100), program_id=hints["program_id"], last_turn=True)
+    else:
+        assert report["lease_granted"] is False and report["reason"] == "hint_invalid"
+        assert len(report["hint_errors"]) == 1 and "program_id" in report["hint_errors"][0]
+        assert "hint_warnings" not in report
+
+
+def test_requests_without_hints_get_no_kvttl_report(engine):
+    llm, scheduler, pool = engine
+    assert turn(llm, tokens(100), max_tokens=2).kv_transfer_params is None
 
 
 def test_an_aborted_turn_releases_and_is_not_pinned(engine):
@@ -204,6 +249,7 @@ def test_a_refused_lease_says_why(engine):
     out = turn(llm, tokens(300), program_id="agent-no-pin", ttl="0s")
     assert out.kv_transfer_params["kvttl"]["lease_granted"] is False
     assert out.kv_transfer_params["kvttl"]["reason"] == "policy"
+    assert out.kv_transfer_params["kvttl"]["ttl_s"] == 0.0  # the policy's (here the client's) choice
     turn(llm, tokens(100), program_id="agent-no-pin", last_turn=True)
 
 

@@ -105,10 +105,38 @@ def test_an_expired_lease_comes_back_from_the_host_tier(server):
     back_stock = server({"prompt": stock + new, "max_tokens": 16})
     assert back["usage"]["prompt_tokens_details"]["cached_tokens"] >= 1920 - 128
     assert back_stock["usage"]["prompt_tokens_details"]["cached_tokens"] < 128
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    reloaded = [line for line in text.splitlines() if line.startswith("vllm:kvttl_reloaded_bytes_total")]
-    assert reloaded and float(reloaded[0].rsplit(" ", 1)[1]) > 0
+    assert total(scrape(server.port), "vllm:kvttl_reloaded_bytes_total") > 0
+
+
+def scrape(port) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+def total(text, name):
+    """The sum of a metric's samples (over engines), 0 when absent."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_an_idle_server_expires_and_offloads_a_lease_at_its_deadline(server):
+    """Issue #17: a lease ends at its deadline with no traffic at all (a waker
+    posts to the engine core's input queue), is copied to the host tier, and
+    the lease gauge says so. Before, it stayed pinned until the next request."""
+    before = scrape(server.port)
+    rng = random.Random(3)
+    out = server({"prompt": [rng.randrange(2048) for _ in range(1000)], "max_tokens": 4,
+                  "kv_transfer_params": {"kvttl": {"program_id": "agent-idle", "tool": "bash", "ttl": "2s"}}})
+    granted_at = time.monotonic()
+    assert out["kv_transfer_params"]["kvttl"]["lease_granted"]
+    assert total(scrape(server.port), "vllm:kvttl_leases") == 1
+    time.sleep(max(0.0, granted_at + 3.5 - time.monotonic()))  # no request meanwhile
+    after = scrape(server.port)
+    assert total(after, "vllm:kvttl_leases") == 0 and total(after, "vllm:kvttl_pinned_blocks") == 0
+    assert total(after, "vllm:kvttl_leases_expired_total") == total(before, "vllm:kvttl_leases_expired_total") + 1
+    assert total(after, "vllm:kvttl_offloaded_bytes_total") > total(before, "vllm:kvttl_offloaded_bytes_total")
+    server({"prompt": [1, 2, 3], "max_tokens": 1,
+            "kv_transfer_params": {"kvttl": {"program_id": "agent-idle", "last_turn": True}}})
 
 
 def test_garbage_hints_do_not_fail_requests(server):
@@ -118,13 +146,7 @@ def test_garbage_hints_do_not_fail_requests(server):
 
 
 def test_lease_metrics_are_served_next_to_vllms(server):
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30) as r:
-        text = r.read().decode()
+    text = scrape(server.port)
     assert "vllm:num_requests_running" in text  # vLLM's own, on the same page
-
-    def total(name):
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + "{") or line.startswith(name + " "))
-
-    assert total("vllm:kvttl_leases_granted_total") >= 1  # agent-7's first turn
-    assert total("vllm:kvttl_leases_hit_total") >= 1  # and its return
+    assert total(text, "vllm:kvttl_leases_granted_total") >= 1  # agent-7's first turn
+    assert total(text, "vllm:kvttl_leases_hit_total") >= 1  # and its return

@@ -9,7 +9,8 @@ import math
 import pytest
 
 from kvttl.errors import BadArgumentError
-from kvttl.kit import EngineKit, KitConfig, ProgramTable, load_config, make_kv_hints, payload_from_envelope, read_hints
+from kvttl.kit import (DeadlineWaker, EngineKit, KitConfig, ProgramTable, hint_report, load_config, make_kv_hints,
+                       payload_from_envelope, read_hints)
 from kvttl.policy import FixedTTL, SchedulingPolicy, TurnHints, program_fcfs
 
 
@@ -127,6 +128,24 @@ def test_refusal_reasons():
     assert finish(k2, "a2", aborted=True).reason == "aborted" and "A" not in k2.programs
 
 
+def test_the_clients_report_says_why_a_lease_was_not_granted():
+    """Issue #17: ``lease_granted: false`` names the reason, and what the cap refused."""
+    k, _, _ = kit(pinned_share_cap=0.05)
+    k.arrived("a1", hints("A", tool="bash"))
+    assert finish(k, "a1").report() == {"lease_granted": False, "reason": "cap", "ttl_s": 10.0, "tool": "bash"}
+    k2, _, _ = kit()
+    k2.arrived("a1", hints("A"))
+    granted = finish(k2, "a1").report(hints("A", warnings=("ttl ignored: 'soon'",)))
+    assert granted["lease_granted"] and granted["ttl_s"] == 10.0 and granted["num_blocks"] == 3
+    assert granted["hint_warnings"] == ["ttl ignored: 'soon'"] and "reason" not in granted
+    k2.arrived("a2", hints("A", last_turn=True))
+    assert finish(k2, "a2").report() == {"lease_granted": False, "reason": "last_turn"}
+    errors = []
+    assert read_hints({"program_id": ["x"]}, log=logging.getLogger("kvttl.test"), errors=errors) is None
+    assert hint_report(errors) == {"lease_granted": False, "reason": "hint_invalid", "hint_errors": errors}
+    assert len(errors) == 1 and "program_id" in errors[0]
+
+
 def test_offload_modes_decide_what_is_copied_at_finish():
     for mode, granted_copy, refused_copy in [("on_finish", True, True), ("on_unpin", False, True),
                                              ("none", False, False)]:
@@ -141,11 +160,27 @@ def test_offload_modes_decide_what_is_copied_at_finish():
 
 
 def test_queue_keys_follow_the_policy():
-    k, _, _ = kit()
+    k, _, _ = kit(max_queue_jump_s=None)
     k.arrived("a1", hints("A"), arrival=1.0)
     finish(k, "a1")
     assert k.queue_key("A", 50.0) == (False, 1.0, 50.0)  # pinned, as old as its program
     assert k.queue_key(None, 20.0) == (True, 20.0, 20.0)  # no program: a program of one turn
+
+
+def test_an_old_program_overtakes_only_requests_of_the_last_max_queue_jump_s():
+    """Issue #17: program-level FCFS put every agent turn ahead of all traffic
+    without a program id that arrived after the agent began."""
+    k, _, _ = kit(max_queue_jump_s=2.0)
+    k.arrived("a1", hints("A"), arrival=1.0)
+    finish(k, "a1", blocks=())  # no lease: only the arrival bound matters
+    turn = k.queue_key("A", 100.0)
+    assert k.queue_key(None, 97.0) < turn < k.queue_key(None, 98.5)
+    unbounded, _, _ = kit(max_queue_jump_s=None)
+    unbounded.arrived("a1", hints("A"), arrival=1.0)
+    finish(unbounded, "a1", blocks=())
+    assert unbounded.queue_key("A", 100.0) < unbounded.queue_key(None, 2.0)
+    with pytest.raises(BadArgumentError, match="max_queue_jump_s"):
+        load_config({"max_queue_jump_s": -1})
 
 
 def test_a_reused_request_key_ends_the_old_turn():
@@ -206,3 +241,71 @@ def test_a_ttl_policy_must_be_one():
     with pytest.raises(BadArgumentError, match="lacks offload"):
         SchedulingPolicy(name="x", description="", ttl=NotAPolicy(), queue_order=program_fcfs)
     SchedulingPolicy(name="x", description="", ttl=FixedTTL(1.0), queue_order=program_fcfs)
+
+
+def test_next_deadline_is_the_earliest_lease():
+    k, _, clock = kit()  # every lease 10 s
+    assert k.next_deadline() is None
+    for key, program in (("a1", "A"), ("b1", "B")):
+        k.arrived(key, hints(program))
+        finish(k, key)
+        clock.t += 3.0
+    assert k.next_deadline() == 110.0
+    clock.t = 110.0
+    k.tick()
+    assert k.next_deadline() == 113.0 and k.num_leases == 1
+
+
+def test_the_waker_wakes_the_engine_once_per_deadline_given():
+    """Issue #17: an idle engine is woken at a lease's deadline, not at its next request."""
+    import threading
+    import time
+
+    woke = threading.Event()
+    times = []
+
+    def wake():
+        times.append(time.monotonic())
+        woke.set()
+
+    waker = DeadlineWaker(wake)
+    try:
+        start = time.monotonic()
+        waker.wake_at(start + 0.2)
+        assert woke.wait(5)
+        assert times[0] >= start + 0.2
+        woke.clear()
+        waker.wake_at(time.monotonic() + 0.1)
+        waker.wake_at(None)  # the lease went some other way: no wake-up
+        assert not woke.wait(0.4)
+        waker.wake_at(time.monotonic() + 60)
+        waker.wake_at(time.monotonic() + 0.05)  # an earlier deadline replaces a later one
+        assert woke.wait(5) and len(times) == 2 and waker.num_wakes == 2
+    finally:
+        waker.close()
+    assert not waker._thread.is_alive()
+
+
+def test_a_failing_wake_is_logged_and_the_waker_goes_on(caplog):
+    import time
+
+    calls = []
+
+    def wake():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("queue closed")
+
+    waker = DeadlineWaker(wake)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kvttl.kit"):
+            waker.wake_at(time.monotonic())
+            deadline = time.monotonic() + 5
+            while not calls and time.monotonic() < deadline:
+                time.sleep(0.01)
+            waker.wake_at(time.monotonic())
+            while len(calls) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert len(calls) == 2 and "queue closed" in caplog.text
+    finally:
+        waker.close()

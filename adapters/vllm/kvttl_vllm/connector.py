@@ -19,6 +19,9 @@ kit's (``kvttl.kit.EngineKit``). What vLLM calls, and what it becomes:
 - ``request_finished[_all_groups]``  ``kit.finished``: TTL, grant, offload
 - ``build_connector_meta``     every step: ``kit.tick`` (expiry) and ``kit.step`` (stalls)
 - ``has_pending_block_frees``  an allocation failed: ``kit.revoke`` one lease *before* vLLM preempts
+- ``has_pending_push_work``    the engine has no requests: step once more if a lease is due (or a
+                               host copy unfinished); else a ``kit.DeadlineWaker`` posts a wake-up
+                               to the engine core's input queue at the next deadline
 - ``get_kv_connector_stats``   every step: counters and gauges, when they changed
 
 A lease is one extra vLLM reference (``BlockPool.touch``) on each full block
@@ -38,8 +41,10 @@ device lost reloads it (``kvttl_vllm.host``):
 from __future__ import annotations
 
 import logging
+import queue
+import sys
 
-from kvttl.kit import EngineKit, load_config
+from kvttl.kit import DeadlineWaker, EngineKit, hint_report, load_config
 from kvttl.policy import tool_from_output
 from kvttl_vllm.hints import request_hints
 from kvttl_vllm.host import (
@@ -60,6 +65,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.core.kv_cache_utils import get_block_hash
+from vllm.v1.engine import EngineCoreRequestType
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm.v1.request import RequestStatus
 
@@ -116,6 +122,9 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         self._host_slots_of: dict[str, list[int]] = {}  # request id -> host slots matched, until allocated
         self.byte_stats = dict.fromkeys(BYTE_COUNTERS, 0)
         self._reporter = StatsReporter()
+        self._engine_queue = _engine_input_queue() if role == KVConnectorRole.SCHEDULER else None
+        self._waker: DeadlineWaker | None = None  # from bind_gpu_block_pool, where there is an engine queue
+        self._idle_wake = False  # the next step is one has_pending_push_work asked for
         logger.info("kvttl connector (%s): policy %s, pinned-share cap %.2f, host tier %d blocks",
                     role.name, self.config.policy, self.config.pinned_share_cap, self._host_slots)
 
@@ -154,6 +163,11 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
                              config=self.config, has_host_tier=self._host is not None,
                              chunk_tokens=sched.max_num_batched_tokens if sched.enable_chunked_prefill else None,
                              kv_bytes_per_token=self._block_bytes / self._block_size)
+        if self._engine_queue is not None:
+            wakeup = (EngineCoreRequestType.WAKEUP, None)
+            self._waker = DeadlineWaker(lambda: self._engine_queue.put_nowait(wakeup), clock=self.kit.clock)
+        else:
+            logger.info("kvttl: in-process engine: an idle engine expires its leases at its next step")
 
     def on_new_request(self, request) -> None:
         if self.kit is not None:
@@ -201,7 +215,8 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         rid = request.request_id
         turn = self.kit.turn(rid) if self.kit is not None else None
         if turn is None:
-            return False, None
+            errors = getattr(request, "_kvttl_hint_errors", None)
+            return False, None if errors is None else {"kvttl": {**hint_report(errors), "engine_id": self._engine_id}}
         self._local_hit.pop(rid, None)
         if self._host is not None:
             self._host.release(self._host_slots_of.pop(rid, None))  # aborted before its blocks came
@@ -214,15 +229,7 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
             rid, blocks=[b.block_id for b in blocks], num_tokens=request.num_computed_tokens,
             free_blocks=pool.get_num_free_blocks(), pin_ref=blocks, aborted=aborted,
             tool=self._tool_in_output(request) if read_tool else None)
-        params = {"lease_granted": outcome.granted, "engine_id": self._engine_id}
-        if outcome.granted:
-            params.update(lease_id=outcome.lease_id, ttl_s=outcome.ttl_s, expires_in_s=outcome.ttl_s,
-                          num_blocks=outcome.num_blocks)
-        else:
-            params["reason"] = outcome.reason
-        if not (turn.hints.last_turn or aborted):
-            params["tool"] = outcome.tool
-        return False, {"kvttl": params}
+        return False, {"kvttl": {**outcome.report(turn.hints), "engine_id": self._engine_id}}
 
     def _offload(self, blocks: list) -> None:
         """Queues the host copy of blocks this connector holds a reference on,
@@ -240,7 +247,10 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
             # One empty step alone is no stall: with async scheduling it
             # happens while outputs are in flight; nor is a step whose copies
             # are still running.
-            scheduled = getattr(scheduler_output, "total_num_scheduled_tokens", 1) != 0 or bool(self._in_flight)
+            # Nor is an idle engine's step at a deadline.
+            scheduled = (getattr(scheduler_output, "total_num_scheduled_tokens", 1) != 0 or bool(self._in_flight)
+                         or self._idle_wake)
+            self._idle_wake = False
             self.kit.step(scheduled=scheduled)
         if self._host is None:
             return _NO_COPIES
@@ -277,6 +287,24 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         if self._hold or self._in_flight:
             return True
         return self.kit is not None and bool(self.kit.revoke(num_leases=1))
+
+    def has_pending_push_work(self) -> bool:
+        """vLLM asks this only when it has no requests, before it waits for
+        one. True (step once more, empty) while host copies are unfinished or
+        a lease is due: that step expires it and copies it out. Otherwise the
+        waker is set to the next deadline, so an idle server expires its
+        leases on time, and ``vllm:kvttl_leases`` stays true."""
+        if self._hold or self._in_flight:
+            return True
+        if self.kit is None:
+            return False
+        deadline = self.kit.next_deadline()
+        if deadline is not None and deadline <= self.kit.clock():
+            self._idle_wake = True
+            return True
+        if self._waker is not None:
+            self._waker.wake_at(deadline)
+        return False
 
     def _tool_in_output(self, request) -> str:
         """The tool the turn's output calls (kvttl.policy.tool_from_output over
@@ -319,6 +347,9 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         return KvttlPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self):
+        if self._waker is not None:
+            self._waker.close()
+            self._waker = None
         if self.kit is not None:
             self.kit.release_all()
         for blocks, _ in self._in_flight.values():
@@ -376,3 +407,20 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
 
     def wait_for_save(self):
         pass
+
+
+def _engine_input_queue() -> queue.Queue | None:
+    """The input queue of the vLLM engine core process building this
+    connector, or None (an in-process engine: ``LLM``, ``EngineCore``).
+    vLLM gives a connector no handle on its engine, but builds the scheduler,
+    and the scheduler builds this connector, inside ``EngineCoreProc.__init__``,
+    after that queue exists: it is found once, on the stack."""
+    from vllm.v1.engine.core import EngineCoreProc  # loaded by now wherever there is one
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, EngineCoreProc) and isinstance(getattr(owner, "input_queue", None), queue.Queue):
+            return owner.input_queue
+        frame = frame.f_back
+    return None

@@ -34,10 +34,13 @@ def request_hints(request) -> TurnHints | None:
     hints = getattr(request, "_kvttl_hints", _UNPARSED)
     if hints is _UNPARSED:
         params = request.sampling_params
+        errors: list[str] = []
         hints = request._kvttl_hints = parse_hints(
             request.kv_transfer_params, params.extra_args if params is not None else None,
             session_id=getattr(request, "session_id", None), kv_hints=getattr(request, "kv_hints", None),
-            request_id=request.request_id)
+            request_id=request.request_id, errors=errors)
+        if errors:  # for the response (kvttl.kit.hint_report)
+            request._kvttl_hint_errors = errors
     return hints
 
 
@@ -55,12 +58,13 @@ def _payload(kv_transfer_params, extra_args, kv_hints):
 
 
 def parse_hints(kv_transfer_params, extra_args, *, session_id=None, kv_hints=None,
-                request_id: str = "?") -> TurnHints | None:
+                request_id: str = "?", errors: list | None = None) -> TurnHints | None:
     """The kvttl hints of a request, or None when it has no program id. Never
-    raises: bad hints are dropped with a warning, the request goes on."""
+    raises: bad hints are dropped with a warning (and appended to ``errors``),
+    the request goes on."""
     if not (kv_hints or kv_transfer_params or extra_args or session_id):
         return None  # the normal path: nothing to read
     payload = _payload(kv_transfer_params, extra_args, kv_hints)
     if session_id and (payload is None or (isinstance(payload, dict) and payload.get("program_id") is None)):
         payload = {**(payload if isinstance(payload, dict) else {}), "program_id": session_id}
-    return read_hints(payload, log=logger, request=request_id)
+    return read_hints(payload, log=logger, request=request_id, errors=errors)

@@ -7,6 +7,7 @@ engine of your own (see ``examples/``).
 - ``EngineHooks`` what an engine gives it: pin, unpin, copy out
 - ``KitConfig`` / ``load_config``  the settings, validated once for every adapter
 - ``read_hints`` / ``make_kv_hints``  the client's turn hints, one format everywhere
+- ``DeadlineWaker``  wakes an idle engine when a lease is due
 
 It sits above ``kvttl.core`` and ``kvttl.policy`` and below everything that
 touches an engine; it imports neither torch nor an engine.
@@ -14,12 +15,13 @@ touches an engine; it imports neither torch nor an engine.
 
 from kvttl.kit.config import CONFIG_KEYS, KitConfig, load_config
 from kvttl.kit.hints import HINT_ACTION_TYPE, HINT_ACTION_VERSION, make_kv_hints, payload_from_envelope, read_hints
-from kvttl.kit.lifecycle import LEASE_EVENTS, REFUSAL_REASONS, EngineHooks, EngineKit, FinishOutcome, Turn
+from kvttl.kit.lifecycle import LEASE_EVENTS, REFUSAL_REASONS, EngineHooks, EngineKit, FinishOutcome, Turn, hint_report
 from kvttl.kit.programs import Program, ProgramTable
+from kvttl.kit.waker import DeadlineWaker
 
 __all__ = [
-    "EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS",
+    "EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS", "hint_report",
     "KitConfig", "load_config", "CONFIG_KEYS",
     "HINT_ACTION_TYPE", "HINT_ACTION_VERSION", "make_kv_hints", "payload_from_envelope", "read_hints",
-    "Program", "ProgramTable",
+    "Program", "ProgramTable", "DeadlineWaker",
 ]

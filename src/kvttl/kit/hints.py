@@ -61,13 +61,19 @@ def payload_from_envelope(envelope):
     return None
 
 
-def read_hints(payload, *, log: logging.Logger, request: object = "?") -> TurnHints | None:
+def read_hints(payload, *, log: logging.Logger, request: object = "?",
+               errors: list | None = None) -> TurnHints | None:
     """TurnHints from a payload, or None (no program id, or unusable hints).
-    Never raises: every problem is one warning on ``log`` naming the request."""
+    Never raises: every problem is one warning on ``log`` naming the request.
+    Why unusable hints were dropped is also appended to ``errors``, for the
+    engine to tell the client in its response (``hint_invalid``); hints that
+    were only partly ignored carry that in ``TurnHints.warnings``."""
     try:
         hints = parse_turn_hints(payload)
     except Exception as e:  # client input: whatever it is, the request goes on without kvttl
         log.warning("kvttl: ignoring the hints of request %s: %s", request, e)
+        if errors is not None:
+            errors.append(str(e))
         return None
     if hints is not None:
         for problem in hints.warnings:

@@ -35,13 +35,16 @@ from kvttl.kit.costs import HostCosts, StepCosts
 from kvttl.kit.programs import Program, ProgramTable
 from kvttl.policy import QueueEntry, ReloadModel, SchedulingPolicy, TurnContext, TurnHints, get_policy
 
-__all__ = ["EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS"]
+__all__ = ["EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS", "hint_report"]
 
 #: Lease events the kit counts (``EngineKit.stats``), with the same names in every engine's metrics.
 LEASE_EVENTS = ("granted", "refused", "hit", "expired", "revoked", "released")
 
-#: Why a finished turn holds no lease (``FinishOutcome.reason``).
-REFUSAL_REASONS = ("policy", "cap", "no_blocks", "last_turn", "aborted")
+#: Why a finished turn holds no lease (``FinishOutcome.reason``): the policy
+#: chose no TTL; the pinned-share cap refused the grant; the turn left no full
+#: block; the client said it was the last turn; it was aborted; or (the
+#: adapter's, ``hint_report``) its hints were unusable, so kvttl never saw it.
+REFUSAL_REASONS = ("policy", "cap", "no_blocks", "last_turn", "aborted", "hint_invalid")
 
 #: Kit seconds between sweeps for quiet idle programs, at most (a quarter of
 #: config.forget_after_s when that is shorter).
@@ -112,6 +115,32 @@ class FinishOutcome(NamedTuple):
     copied_out: bool = False
     #: the tool the turn called
     tool: str = ""
+
+    def report(self, hints: TurnHints | None = None) -> dict:
+        """What the engine tells the client about this turn (vLLM: the
+        response's ``kv_transfer_params["kvttl"]``), the same in every engine.
+        ``hints``: the turn's, whose ignored parts become ``hint_warnings``."""
+        report: dict = {"lease_granted": self.granted}
+        if self.granted:
+            report.update(lease_id=self.lease_id, ttl_s=self.ttl_s, expires_in_s=self.ttl_s,
+                          num_blocks=self.num_blocks)
+        else:
+            report["reason"] = self.reason
+            if self.reason in ("policy", "cap", "no_blocks"):
+                report["ttl_s"] = self.ttl_s  # the policy's choice: 0, or what the cap refused
+        if self.reason not in ("last_turn", "aborted"):
+            report["tool"] = self.tool
+        if self.copied_out:
+            report["copied_to_host"] = True
+        if hints is not None and hints.warnings:
+            report["hint_warnings"] = list(hints.warnings)
+        return report
+
+
+def hint_report(errors: list[str]) -> dict:
+    """The client's report for a request whose hints were unusable (see
+    ``kvttl.kit.read_hints``): it ran on the engine's normal path."""
+    return {"lease_granted": False, "reason": "hint_invalid", "hint_errors": list(errors)}
 
 
 _HELD = object()  # stands for a hold whose engine handle is None
@@ -387,6 +416,14 @@ class EngineKit:
         self._ended(expired, "expired")
         return expired
 
+    def next_deadline(self) -> float | None:
+        """When the earliest lease expires, on the kit's clock; None without
+        leases. O(leases): for an engine about to go idle (to know when to
+        wake up, see ``kvttl.kit.DeadlineWaker``), not for every step."""
+        if not self._held:
+            return None
+        return min(lease.deadline for lease in self.table.leases())
+
     def step(self, *, scheduled: bool) -> int:
         """One engine step ended; ``scheduled``: it ran any work. Pins never
         stall the engine: after ``config.stall_steps`` empty steps in a row
@@ -436,11 +473,15 @@ class EngineKit:
     # ---- the waiting queue ---------------------------------------------------------------
     def queue_key(self, program_id: Hashable | None, request_arrival: float) -> tuple:
         """The policy's sort key for a waiting request (smallest first).
-        Requests without a program are programs of one turn."""
+        Requests without a program are programs of one turn; a program's
+        arrival counts as at most ``config.max_queue_jump_s`` before the
+        request's own."""
         program = self.programs.get(program_id) if program_id is not None else None
         if program is None:
             return self.policy.queue_order(QueueEntry(request_arrival, request_arrival, False, 0.0))
-        return self.policy.queue_order(QueueEntry(request_arrival, program.first_arrival, program.pin is not None,
+        jump = self.config.max_queue_jump_s
+        arrival = program.first_arrival if jump is None else max(program.first_arrival, request_arrival - jump)
+        return self.policy.queue_order(QueueEntry(request_arrival, arrival, program.pin is not None,
                                                   program.attained_s))
 
     @property
