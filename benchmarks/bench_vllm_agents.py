@@ -15,10 +15,13 @@ outputs. Then a single-turn batch with no program ids (the normal path) gives
 tokens/s for the overhead pair. Everything is the median over --repeats.
 
 The same command should mean the same on a fast or a slow machine, so by
-default (--calibrate 1) a first child measures P, this machine's prefill of
+default (--calibrate 1) each mode's process first measures P, its prefill of
 one --context prompt, and the tool sleeps (--tool-prefills x P), program
 stagger (P) and background rate (--background-load prompts per P) follow
-from it; the pool and the contexts are in blocks and tokens already. Beside
+from it; the pool and the contexts are in blocks and tokens already. The
+ratios compare times in units of each side's own P, because two processes
+one after the other run at speeds a third apart on this machine (the raw
+seconds and each P are in the JSON too). Beside
 the JCT the result reports what the workload did: the share of returning
 turns that lost context under stock (the pressure created: with none there
 is nothing to gain), the latency of the background requests (traffic
@@ -61,7 +64,8 @@ def run_mode(args) -> dict:
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
             kv_connector_extra_config={"policy": args.policy, "host_tier_blocks": args.host_tier_blocks,
-                                       "max_queue_jump_s": None if args.max_queue_jump_s < 0 else args.max_queue_jump_s})
+                                       "max_queue_jump_prefills": None if args.max_queue_jump_prefills < 0
+                                       else args.max_queue_jump_prefills})
         if args.program_fcfs:
             kw["scheduler_cls"] = "kvttl_vllm.scheduler.KvttlScheduler"
     llm = LLM(model=args.model, skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=4096,
@@ -74,14 +78,17 @@ def run_mode(args) -> dict:
         extra = {"kv_transfer_params": {"kvttl": hints}} if hints and args.mode == "kvttl" else None
         return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args=extra)
 
-    if args.mode == "calibrate":  # how long this machine takes to prefill one program's first prompt
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(2048) for _ in range(args.context)]) for _ in range(4)]
+    prefill_s = None
+    if args.calibrate:  # how long this process takes to prefill one program's first prompt: P
         times = []
-        for prompt in prompts:
+        for _ in range(6):
+            prompt = TokensPrompt(prompt_token_ids=[rng.randrange(2048) for _ in range(args.context)])
             t = time.perf_counter()
             llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
             times.append(time.perf_counter() - t)
-        return {"prefill_s": statistics.median(times[1:])}  # the first one warms up
+        prefill_s = statistics.median(times[1:])  # the first one warms up
+        args.tool_s, args.stagger = args.tool_prefills * prefill_s, prefill_s
+        args.background_s = prefill_s / args.background_load
     connector = engine.engine_core.engine_core.scheduler.connector if args.mode == "kvttl" else None
 
     def agents_once():
@@ -155,7 +162,8 @@ def run_mode(args) -> dict:
         outs = llm.generate(single, SamplingParams(max_tokens=args.output, temperature=0, ignore_eos=True), use_tqdm=False)
         dt = time.perf_counter() - t0
         rates.append(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt)
-    result = {"mean_jct_s": statistics.median(jcts), "p95_jct_s": statistics.median(p95s), "prefix_hit_rate": hit,
+    result = {"prefill_s": prefill_s, "tool_s": args.tool_s, "background_s": args.background_s,
+              "mean_jct_s": statistics.median(jcts), "p95_jct_s": statistics.median(p95s), "prefix_hit_rate": hit,
               "tok_s": statistics.median(rates),
               "background_mean_s": statistics.median(statistics.mean(r["bg"]) for r in results),
               "background_p95_s": statistics.median(p95(r["bg"]) for r in results),
@@ -225,7 +233,7 @@ def hook_share(llm, prompts, args) -> list[float]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json")
-    ap.add_argument("--mode", choices=["stock", "kvttl", "calibrate"], help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=["stock", "kvttl"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--policy", default="continuum")
     ap.add_argument("--programs", type=int, default=4)
@@ -234,17 +242,18 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=50)
     ap.add_argument("--output", type=int, default=16)
     ap.add_argument("--calibrate", type=int, choices=[0, 1], default=1,
-                    help="1: measure this machine's prefill time P of one --context prompt first, and set "
-                         "--tool-s, --stagger and --background-s from it (below), so that a re-prefill costs the "
-                         "same share of a turn on a fast or a slow machine; 0: take them as given")
+                    help="1: each mode's process first measures its prefill time P of one --context prompt and "
+                         "sets --tool-s, --stagger and --background-s from it (below), so that a re-prefill costs "
+                         "the same share of a turn on a fast or a slow machine, and ratios compare times in units "
+                         "of P; 0: take them as given, compare seconds")
     ap.add_argument("--tool-prefills", type=float, default=3.0, help="calibrated: mean tool sleep = this x P")
     ap.add_argument("--background-load", type=float, default=0.6,
                     help="calibrated: background prompts arrive every P / this seconds")
     ap.add_argument("--tool-s", type=float, default=0.5, help="mean tool sleep")
     ap.add_argument("--stagger", type=float, default=0.2, help="seconds between program starts (calibrated: P)")
     ap.add_argument("--background-s", type=float, default=0.4, help="seconds between background prompts")
-    ap.add_argument("--max-queue-jump-s", type=float, default=1.0,
-                    help="kvttl side: the kit's max_queue_jump_s (negative: unbounded, Continuum's order)")
+    ap.add_argument("--max-queue-jump-prefills", type=float, default=3.0,
+                    help="kvttl side: the kit's max_queue_jump_prefills (negative: unbounded, Continuum's order)")
     ap.add_argument("--blocks", type=int, default=40)
     ap.add_argument("--single-batch", type=int, default=16)
     ap.add_argument("--single-tokens", type=int, default=500)
@@ -273,18 +282,20 @@ def main(argv=None):
                 raise SystemExit(f"{mode} run failed")
             return json.loads(line[len("RESULT "):])
 
-        prefill_s = None
-        if args.calibrate:
-            prefill_s = child("calibrate")["prefill_s"]
-            args.tool_s = args.tool_prefills * prefill_s
-            args.stagger = prefill_s
-            args.background_s = prefill_s / args.background_load
-            print(f"calibrated: a {args.context}-token prefill takes {prefill_s:.3f} s; tool {args.tool_s:.2f} s, "
-                  f"background every {args.background_s:.2f} s", file=sys.stderr)
         out = {mode: child(mode) for mode in ("stock", "kvttl")}
+    # Calibrated, each process ran the workload scaled to its own P: compare times in units of P, so
+    # that one process running faster than the other (it moves by a third here) does not count.
+    unit = {m: out[m]["prefill_s"] or 1.0 for m in out}
+
+    def ratio(key):
+        return (out["stock"][key] / unit["stock"]) / (out["kvttl"][key] / unit["kvttl"])
+
     result = {
         "stock_mean_jct_s": out["stock"]["mean_jct_s"], "kvttl_mean_jct_s": out["kvttl"]["mean_jct_s"],
-        "jct_speedup": out["stock"]["mean_jct_s"] / out["kvttl"]["mean_jct_s"],
+        "jct_speedup": ratio("mean_jct_s"),
+        "jct_speedup_raw_seconds": out["stock"]["mean_jct_s"] / out["kvttl"]["mean_jct_s"],
+        # each side's P, and the tool sleep and background interval it ran (calibrated: from its P)
+        "calibrated": {m: {k: out[m][k] for k in ("prefill_s", "tool_s", "background_s")} for m in out},
         "stock_p95_jct_s": out["stock"]["p95_jct_s"], "kvttl_p95_jct_s": out["kvttl"]["p95_jct_s"],
         "prefix_hit_rate_stock": out["stock"]["prefix_hit_rate"], "prefix_hit_rate_kvttl": out["kvttl"]["prefix_hit_rate"],
         "stock_tok_s": out["stock"]["tok_s"], "kvttl_tok_s": out["kvttl"]["tok_s"],
@@ -294,14 +305,13 @@ def main(argv=None):
         # traffic without a program id: its latency (add -> finish) under each, and kvttl's over stock's
         "stock_background_mean_s": out["stock"]["background_mean_s"],
         "kvttl_background_mean_s": out["kvttl"]["background_mean_s"],
-        "background_latency_ratio": out["kvttl"]["background_mean_s"] / out["stock"]["background_mean_s"],
+        "background_latency_ratio": 1.0 / ratio("background_mean_s"),
         "stock_background_p95_s": out["stock"]["background_p95_s"],
         "kvttl_background_p95_s": out["kvttl"]["background_p95_s"],
         # the pressure created: share of returning turns that re-prefilled part of their context
         "pressure_returning_turns_lost_stock": out["stock"]["returning_turns_lost"],
         "returning_turns_lost_kvttl": out["kvttl"]["returning_turns_lost"],
         "leases_granted": out["kvttl"]["leases_granted"], "lease_hit_share": out["kvttl"]["lease_hit_share"],
-        "prefill_s_measured": prefill_s,
         "prefill_tokens_per_s_learned_by_kvttl": out["kvttl"]["prefill_tokens_per_s_learned"],
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "mode", "model")} | {"date": time.strftime("%Y-%m-%d")},
     }

@@ -160,27 +160,35 @@ def test_offload_modes_decide_what_is_copied_at_finish():
 
 
 def test_queue_keys_follow_the_policy():
-    k, _, _ = kit(max_queue_jump_s=None)
+    k, _, _ = kit(max_queue_jump_prefills=None)
     k.arrived("a1", hints("A"), arrival=1.0)
     finish(k, "a1")
     assert k.queue_key("A", 50.0) == (False, 1.0, 50.0)  # pinned, as old as its program
     assert k.queue_key(None, 20.0) == (True, 20.0, 20.0)  # no program: a program of one turn
 
 
-def test_an_old_program_overtakes_only_requests_of_the_last_max_queue_jump_s():
+def test_an_old_program_overtakes_only_requests_of_its_last_few_prefills():
     """Issue #17: program-level FCFS put every agent turn ahead of all traffic
-    without a program id that arrived after the agent began."""
-    k, _, _ = kit(max_queue_jump_s=2.0)
+    without a program id that arrived after the agent began. A turn now
+    overtakes requests of the last max_queue_jump_prefills re-prefills of its
+    context (at the measured rate), or of the last max_queue_jump_s seconds."""
+    k, _, _ = kit(reload_tokens_per_s=100.0, measure_costs=False)
     k.arrived("a1", hints("A"), arrival=1.0)
-    finish(k, "a1", blocks=())  # no lease: only the arrival bound matters
+    k.finished("a1", blocks=[], num_tokens=40, free_blocks=20)  # no lease: only the arrival bound matters
+    assert k.max_queue_jump(k.programs.get("A")) == pytest.approx(3 * 40 / 100.0)  # 3 prefills of 40 tokens
     turn = k.queue_key("A", 100.0)
-    assert k.queue_key(None, 97.0) < turn < k.queue_key(None, 98.5)
-    unbounded, _, _ = kit(max_queue_jump_s=None)
+    assert k.queue_key(None, 98.7) < turn < k.queue_key(None, 98.9)
+    seconds, _, _ = kit(max_queue_jump_s=5.0)
+    seconds.arrived("a1", hints("A"), arrival=1.0)
+    finish(seconds, "a1", blocks=())
+    assert seconds.queue_key(None, 94.0) < seconds.queue_key("A", 100.0) < seconds.queue_key(None, 95.5)
+    unbounded, _, _ = kit(max_queue_jump_prefills=None)
     unbounded.arrived("a1", hints("A"), arrival=1.0)
     finish(unbounded, "a1", blocks=())
     assert unbounded.queue_key("A", 100.0) < unbounded.queue_key(None, 2.0)
-    with pytest.raises(BadArgumentError, match="max_queue_jump_s"):
-        load_config({"max_queue_jump_s": -1})
+    for key in ("max_queue_jump_s", "max_queue_jump_prefills"):
+        with pytest.raises(BadArgumentError, match=key):
+            load_config({key: -1})
 
 
 def test_a_reused_request_key_ends_the_old_turn():

@@ -125,11 +125,11 @@ class KvttlRadixCache(UnifiedRadixCache):
     def __init__(self, params, *, config: dict | None = None, clock: Callable[[], float] | None = None):
         super().__init__(params)
         self.kvttl_config = load_config(None if config is None else json.dumps(config))
-        if self.kvttl_config.max_queue_jump_s is not None and (self.tp_world_size > 1 or self.pp_size > 1):
+        if self.tp_world_size > 1 or self.pp_size > 1:
             # Queue keys compare each rank's own entry stamps; "arrival - jump" against another request's
             # stamp could order differently on two ranks, and the ranks must schedule alike.
-            logger.info("kvttl: max_queue_jump_s is not bounded under tensor/pipeline parallelism (rank clocks)")
-            self.kvttl_config = attrs.evolve(self.kvttl_config, max_queue_jump_s=None)
+            logger.info("kvttl: queue jumps are not bounded under tensor/pipeline parallelism (rank clocks)")
+            self.kvttl_config = attrs.evolve(self.kvttl_config, max_queue_jump_s=None, max_queue_jump_prefills=None)
         self._clock = clock or time.time
         allocator = self.token_to_kv_pool_allocator
         self._page = max(1, int(self.page_size))

@@ -45,13 +45,17 @@ class KitConfig:
     tool_priors_s: dict = attrs.field(factory=dict)
     #: order the waiting queue by program (Continuum's program-level FCFS)
     program_fcfs: bool = True
-    #: how far back a turn's program arrival may place it in the queue:
-    #: program-level FCFS lets an old program's turn overtake every request
+    #: how far back a turn's program arrival may place it in the queue.
+    #: Program-level FCFS lets an old program's turn overtake every request
     #: that came after the program began, so traffic without a program id
-    #: waits behind every agent. A turn now overtakes only requests that
-    #: arrived at most this many seconds before it (pinned turns still go
-    #: first). None: unbounded, Continuum's order
-    max_queue_jump_s: float | None = 1.0
+    #: waits behind every agent. A turn overtakes only requests that arrived
+    #: at most this many re-prefills of its context before it, at the
+    #: engine's measured prefill rate (pinned turns still go first), so the
+    #: bound means the same on a fast or a slow engine
+    max_queue_jump_prefills: float | None = 3.0
+    #: the same bound in seconds, instead of prefills, when set. Both None:
+    #: unbounded, Continuum's order
+    max_queue_jump_s: float | None = None
     #: when to copy blocks to a host tier; None: the policy's choice, or
     #: "on_unpin" when the engine has a host tier and the policy names none
     offload: str | None = None
@@ -131,8 +135,9 @@ def load_config(given: Mapping | None, *, source: str = "kvttl config",
     for key in ("program_fcfs", "measure_costs"):
         if key in values and not isinstance(values[key], bool):
             raise BadArgumentError(f"{source}: {key} must be true or false, got {values[key]!r}")
-    if values.get("max_queue_jump_s") is not None:
-        values["max_queue_jump_s"] = _number(source, "max_queue_jump_s", values["max_queue_jump_s"], low=0.0)
+    for key in ("max_queue_jump_prefills", "max_queue_jump_s"):
+        if values.get(key) is not None:
+            values[key] = _number(source, key, values[key], low=0.0)
     if "tool_priors_s" in values:
         values["tool_priors_s"] = _tool_priors(source, values["tool_priors_s"])
     if values.get("offload") is not None and values["offload"] not in OFFLOAD_MODES:

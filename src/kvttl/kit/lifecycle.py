@@ -474,15 +474,27 @@ class EngineKit:
     def queue_key(self, program_id: Hashable | None, request_arrival: float) -> tuple:
         """The policy's sort key for a waiting request (smallest first).
         Requests without a program are programs of one turn; a program's
-        arrival counts as at most ``config.max_queue_jump_s`` before the
+        arrival counts as at most :meth:`max_queue_jump` before the
         request's own."""
         program = self.programs.get(program_id) if program_id is not None else None
         if program is None:
             return self.policy.queue_order(QueueEntry(request_arrival, request_arrival, False, 0.0))
-        jump = self.config.max_queue_jump_s
+        jump = self.max_queue_jump(program)
         arrival = program.first_arrival if jump is None else max(program.first_arrival, request_arrival - jump)
         return self.policy.queue_order(QueueEntry(request_arrival, arrival, program.pin is not None,
                                                   program.attained_s))
+
+    def max_queue_jump(self, program: Program) -> float | None:
+        """Seconds before its own arrival that a turn of ``program`` may
+        queue as if it had arrived (None: back to the program's first
+        arrival): ``config.max_queue_jump_s``, or else
+        ``config.max_queue_jump_prefills`` re-prefills of its context."""
+        config = self.config
+        if config.max_queue_jump_s is not None:
+            return config.max_queue_jump_s
+        if config.max_queue_jump_prefills is None:
+            return None
+        return config.max_queue_jump_prefills * self.reload.prefill_s(max(program.context_tokens, self.block_size))
 
     @property
     def orders_queue(self) -> bool:

@@ -23,11 +23,11 @@ def test_entry_point_registers_the_backend_and_the_hook():
     assert any(hook is plugin.after_calc_priority for _, hook, _ in HookRegistry._hooks[plugin.CALC_PRIORITY])
 
 
-@pytest.mark.parametrize("max_queue_jump_s, order", [
-    (None, ["A", "B", None, "C"]),  # Continuum: pinned first, then program arrival
-    (1.0, ["A", None, "C", "B"]),  # the default bound: B's turn overtakes only the last second's requests
+@pytest.mark.parametrize("jump, order", [
+    ({"max_queue_jump_prefills": None}, ["A", "B", None, "C"]),  # Continuum: pinned first, then program arrival
+    ({"max_queue_jump_s": 1.0}, ["A", None, "C", "B"]),  # bounded: B's turn overtakes only the last second's
 ])
-def test_program_fcfs_through_the_real_schedule_policy(max_queue_jump_s, order):
+def test_program_fcfs_through_the_real_schedule_policy(jump, order):
     from sglang.srt.managers.schedule_policy import SchedulePolicy
     from sglang.srt.plugins.hook_registry import HookRegistry
 
@@ -36,7 +36,7 @@ def test_program_fcfs_through_the_real_schedule_policy(max_queue_jump_s, order):
     plugin.register()
     HookRegistry.apply_hooks()
     clock = FakeClock()
-    cache = make_cache(tokens=256, clock=clock, config={"max_queue_jump_s": max_queue_jump_s})
+    cache = make_cache(tokens=256, clock=clock, config=jump)
     policy = SchedulePolicy("fcfs", cache, False, False, False)
     first_a = run_turn(cache, tokens(1, 20), 4, program_id="A", ttl="60s")  # A: oldest program, pinned
     clock.t += 1
