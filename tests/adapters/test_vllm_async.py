@@ -35,7 +35,9 @@ def live(tiny_llama, caplog_module):
               dtype="bfloat16", gpu_memory_utilization=0.3, num_gpu_blocks_override=40,
               scheduler_cls="kvttl_vllm.scheduler.KvttlScheduler",
               kv_transfer_config=KVTransferConfig(
-                  kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both"))
+                  kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
+                  # Continuum's unbounded program order, so a turn is as old as its program (the bound: tests/kit)
+                  kv_connector_extra_config={"max_queue_jump_prefills": None}))
     try:
         yield llm.llm_engine.engine_core.engine_core.scheduler
     finally:
