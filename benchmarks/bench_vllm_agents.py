@@ -141,7 +141,6 @@ def run_mode(args) -> dict:
                 else:
                     p["next"] = time.monotonic() + p["sleeps"][p["turn"]]
         while engine.has_unfinished_requests():
-            engine.step()
             for out in engine.step():
                 if out.finished and out.request_id in bg_started:
                     bg_latency.append(time.monotonic() - bg_started.pop(out.request_id))

@@ -116,18 +116,24 @@ def test_an_idle_engine_steps_once_to_expire_a_due_lease(engine):
     core.step()
     assert connector.stats["expired"] == expired + 1
     assert pool.get_num_free_blocks() == before and not scheduler.has_requests()
-    # Empty steps at deadlines are no stall: a long lease held meanwhile stays.
+    # Empty steps at deadlines are no stall: more of them in a row than stall_steps, with no traffic
+    # between, and a long lease held meanwhile stays.
     turn(llm, tokens(300), program_id="agent-idle-long", tool="bash", ttl="60s")
-    stall_steps = connector.config.stall_steps
-    for i in range(stall_steps):
-        out = turn(llm, tokens(300), program_id=f"agent-idle-{i}", tool="bash", ttl="0.3s")
+    n = connector.config.stall_steps + 1
+    first_due = time.monotonic() + 3.0
+    for i in range(n):  # staggered deadlines, all after the last grant
+        out = turn(llm, tokens(300), program_id=f"agent-idle-{i}", tool="bash",
+                   ttl=f"{first_due + 0.3 * i - time.monotonic():.3f}s")
         assert out.kv_transfer_params["kvttl"]["lease_granted"]
-        time.sleep(0.35)
+    deadlines = sorted(connector.kit.lease_of(f"agent-idle-{i}").deadline for i in range(n))  # kit clock: monotonic
+    assert time.monotonic() < deadlines[0] and all(b - a > 0.1 for a, b in zip(deadlines, deadlines[1:]))
+    for deadline in deadlines:
+        time.sleep(max(0.0, deadline + 0.02 - time.monotonic()))
         assert connector.has_pending_push_work()
         core.step()
     assert connector.stats["revoked"] == revoked and connector.holds_lease("agent-idle-long")
-    assert connector.stats["expired"] == expired + 1 + stall_steps
-    for program in ["agent-idle", "agent-idle-long"] + [f"agent-idle-{i}" for i in range(stall_steps)]:
+    assert connector.stats["expired"] == expired + 1 + n
+    for program in ["agent-idle", "agent-idle-long"] + [f"agent-idle-{i}" for i in range(n)]:
         turn(llm, tokens(50), program_id=program, last_turn=True)
 
 

@@ -156,3 +156,15 @@ def test_measure_costs_must_be_a_bool():
     with pytest.raises(BadArgumentError, match="measure_costs"):
         load_config({"measure_costs": "yes"})
     assert load_config({"measure_costs": False})[0].measure_costs is False
+
+
+def test_a_re_prefill_never_looks_free():
+    """Decode steps of long contexts can cost more than small prefills; the slope stays above a floor
+    (review finding: a zero slope made Reload(r) 0 and the queue-jump bound 0)."""
+    from kvttl.kit.costs import MIN_SLOPE_SHARE
+
+    costs = StepCosts(prior_tokens_per_s=1000.0)
+    for _ in range(200):
+        costs.observe(8, 0.05)  # slow decode steps
+        costs.observe(2000, 0.01)  # a quick prefill
+    assert costs.line()[1] == pytest.approx(MIN_SLOPE_SHARE / 1000.0)

@@ -317,3 +317,29 @@ def test_a_failing_wake_is_logged_and_the_waker_goes_on(caplog):
         assert len(calls) == 2 and "queue closed" in caplog.text
     finally:
         waker.close()
+
+
+def test_leases_that_never_expire_set_no_wake_up():
+    """A lease renewed to infinity (held while its program waits) is not a deadline: the waker's
+    wait must not overflow (review finding)."""
+    k, _, clock = kit()
+    k.arrived("a1", hints("A"))
+    finish(k, "a1")
+    k.table.renew("A", math.inf)
+    assert k.next_deadline() is None
+    woke = []
+    waker = DeadlineWaker(lambda: woke.append(1))
+    try:
+        waker.wake_at(math.inf)
+        waker.wake_at(1e300)  # far, but finite: the wait is clamped
+        assert waker._thread.is_alive() and not woke
+    finally:
+        waker.close()
+
+
+def test_bad_tool_prior_counts_and_both_jump_bounds_are_refused():
+    with pytest.raises(BadArgumentError, match="tool_priors_s has 4097 tools"):
+        load_config({"tool_priors_s": {f"t{i}": 1.0 for i in range(4097)}})
+    with pytest.raises(BadArgumentError, match="not both"):
+        load_config({"max_queue_jump_s": 1.0, "max_queue_jump_prefills": 2.0})
+    assert load_config({"max_queue_jump_s": 1.0, "max_queue_jump_prefills": None})[0].max_queue_jump_s == 1.0

@@ -19,7 +19,10 @@ from kvttl.errors import BadArgumentError
 from kvttl.policy import MAX_TTL_S, OFFLOAD_MODES, get_policy
 from kvttl.policy.hints import MAX_TOOL_BYTES
 
-__all__ = ["KitConfig", "load_config", "CONFIG_KEYS"]
+__all__ = ["KitConfig", "load_config", "CONFIG_KEYS", "MAX_TOOL_PRIORS"]
+
+#: Tools ``tool_priors_s`` may name (the duration estimator keeps at most this many per-tool priors).
+MAX_TOOL_PRIORS = 4096
 
 logger = logging.getLogger("kvttl.kit")
 
@@ -89,6 +92,8 @@ def _number(source: str, key: str, value: Any, *, low: float, high: float = math
 def _tool_priors(source: str, given: Any) -> dict:
     if not isinstance(given, Mapping):
         raise BadArgumentError(f"{source}: tool_priors_s must be an object of tool -> seconds, got {given!r}")
+    if len(given) > MAX_TOOL_PRIORS:
+        raise BadArgumentError(f"{source}: tool_priors_s has {len(given)} tools, at most {MAX_TOOL_PRIORS}")
     priors = {}
     for tool, seconds in given.items():
         if not isinstance(tool, str) or not tool or len(tool.encode("utf-8", "replace")) > MAX_TOOL_BYTES:
@@ -138,6 +143,8 @@ def load_config(given: Mapping | None, *, source: str = "kvttl config",
     for key in ("max_queue_jump_prefills", "max_queue_jump_s"):
         if values.get(key) is not None:
             values[key] = _number(source, key, values[key], low=0.0)
+    if values.get("max_queue_jump_s") is not None and values.get("max_queue_jump_prefills") is not None:
+        raise BadArgumentError(f"{source}: set max_queue_jump_s or max_queue_jump_prefills, not both")
     if "tool_priors_s" in values:
         values["tool_priors_s"] = _tool_priors(source, values["tool_priors_s"])
     if values.get("offload") is not None and values["offload"] not in OFFLOAD_MODES:

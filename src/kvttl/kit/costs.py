@@ -15,7 +15,10 @@ import math
 from kvttl.errors import BadArgumentError
 from kvttl.policy import ReloadModel
 
-__all__ = ["StepCosts", "HostCosts"]
+__all__ = ["StepCosts", "HostCosts", "MIN_SLOPE_SHARE"]
+
+#: The fitted seconds per token never falls below this share of the prior's.
+MIN_SLOPE_SHARE = 0.01
 
 
 def _check(name: str, value, *, integer: bool = False) -> float:
@@ -38,7 +41,10 @@ class StepCosts:
     memory. The prior slope enters as a ridge term worth ``prior_steps`` steps
     of ``prior_tokens`` tokens: before any prefill-sized step is seen -- or
     when the recent steps all have the same size, so that no slope can be
-    told apart from the intercept -- the slope stays at the prior.
+    told apart from the intercept -- the slope stays at the prior. Decode
+    steps of long contexts can cost more than small prefills, which can tip
+    the fitted slope to zero: it never goes below ``MIN_SLOPE_SHARE`` of the
+    prior's, so a re-prefill never looks free.
     """
 
     __slots__ = ("_w", "_n", "_t", "_nn", "_nt", "_keep", "_ridge", "_prior_slope", "num_steps", "chunk_tokens")
@@ -78,12 +84,13 @@ class StepCosts:
         # Normal equations of sum w (t - a - b n)^2 + ridge (b - prior)^2 in (a, b).
         det = w * (nn + ridge) - n * n
         slope = (w * (nt + ridge * prior) - n * t) / det
-        if slope < 0:
-            slope = 0.0
+        floor = prior * MIN_SLOPE_SHARE
+        if slope < floor:
+            slope = floor
         intercept = (t - slope * n) / w
         if intercept < 0:  # a line through the origin then: the slope carries it all
             intercept = 0.0
-            slope = (nt + ridge * prior) / (nn + ridge)
+            slope = max(floor, (nt + ridge * prior) / (nn + ridge))
         return intercept, slope
 
     @property

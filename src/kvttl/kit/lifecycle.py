@@ -418,11 +418,12 @@ class EngineKit:
 
     def next_deadline(self) -> float | None:
         """When the earliest lease expires, on the kit's clock; None without
-        leases. O(leases): for an engine about to go idle (to know when to
-        wake up, see ``kvttl.kit.DeadlineWaker``), not for every step."""
+        a lease that ever expires (leases held while their program waits run
+        to infinity). O(leases): for an engine about to go idle (to know when
+        to wake up, see ``kvttl.kit.DeadlineWaker``), not for every step."""
         if not self._held:
             return None
-        return min(lease.deadline for lease in self.table.leases())
+        return min((lease.deadline for lease in self.table.leases() if math.isfinite(lease.deadline)), default=None)
 
     def step(self, *, scheduled: bool) -> int:
         """One engine step ended; ``scheduled``: it ran any work. Pins never

@@ -13,6 +13,7 @@ the lease expires. The thread itself never touches the kit.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Callable
@@ -42,6 +43,8 @@ class DeadlineWaker:
         self._thread.start()
 
     def wake_at(self, at: float | None) -> None:
+        if at is not None and not math.isfinite(at):
+            at = None  # never due: nothing to wake for
         with self._cond:
             if at != self._at:
                 self._at = at
@@ -64,7 +67,7 @@ class DeadlineWaker:
                     delay = at + WAKE_SLACK_S - self._clock()
                     if delay <= 0:
                         break
-                    self._cond.wait(delay)
+                    self._cond.wait(min(delay, threading.TIMEOUT_MAX))
                 if self._closed:
                     return
                 self._at = None
