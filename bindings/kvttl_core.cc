@@ -82,20 +82,39 @@ std::string dtype_name(nb::dlpack::dtype dt) {
   return kvttl::detail::cat(kind, int(dt.bits));
 }
 
+// The start of an integer's decimal form, for messages (a 400-digit id is
+// named by its first digits).
+std::string int_text(PyObject* item) {
+  PyObject* text = PyObject_Str(item);
+  if (!text) {
+    PyErr_Clear();
+    return "?";
+  }
+  Py_ssize_t size = 0;
+  const char* s = PyUnicode_AsUTF8AndSize(text, &size);
+  std::string out = s ? std::string(s, static_cast<size_t>(std::min<Py_ssize_t>(size, 24))) : "?";
+  if (!s) PyErr_Clear();
+  if (s && size > 24) out += "...";
+  Py_DECREF(text);
+  return out;
+}
+
 // Reads one Python integer (int, numpy integer, anything with __index__).
-// Returns false if the object is not an integer; *overflow set if it does not
-// fit in a signed or unsigned 64-bit value.
-bool read_int(PyObject* item, long long* value, unsigned long long* uvalue, bool* is_unsigned) {
+// Returns false if the object is not an integer; *is_unsigned set when it
+// fits only as an unsigned 64-bit value. An integer beyond 64 bits raises
+// BadArgument naming `what`, the position (`index` >= 0) and the value.
+bool read_int(PyObject* item, long long* value, unsigned long long* uvalue, bool* is_unsigned,
+              const char* what, Py_ssize_t index = -1) {
   *is_unsigned = false;
-  PyObject* index = nullptr;
+  PyObject* index_obj = nullptr;
   if (!PyLong_Check(item) || PyBool_Check(item)) {
     if (PyBool_Check(item) || PyFloat_Check(item)) return false;
-    index = PyNumber_Index(item);
-    if (!index) {
+    index_obj = PyNumber_Index(item);
+    if (!index_obj) {
       PyErr_Clear();
       return false;
     }
-    item = index;
+    item = index_obj;
   }
   int overflow = 0;
   *value = PyLong_AsLongLongAndOverflow(item, &overflow);
@@ -103,15 +122,19 @@ bool read_int(PyObject* item, long long* value, unsigned long long* uvalue, bool
     *uvalue = PyLong_AsUnsignedLongLong(item);
     if (PyErr_Occurred()) {
       PyErr_Clear();
-      Py_XDECREF(index);
-      throw BadArgument("integer does not fit in 64 bits");
+    } else {
+      *is_unsigned = true;
+      overflow = 0;
     }
-    *is_unsigned = true;
-  } else if (overflow < 0) {
-    Py_XDECREF(index);
-    throw BadArgument("integer does not fit in 64 bits");
   }
-  Py_XDECREF(index);
+  if (overflow != 0) {
+    const std::string text = int_text(item);
+    Py_XDECREF(index_obj);
+    if (index >= 0)
+      throw BadArgument(kvttl::detail::cat(what, ": item ", index, " (", text, ") does not fit in 64 bits"));
+    throw BadArgument(kvttl::detail::cat(what, ": ", text, " does not fit in 64 bits"));
+  }
+  Py_XDECREF(index_obj);
   return true;
 }
 
@@ -158,18 +181,42 @@ bool read_array(nb::handle obj, const char* what, Sink&& sink, size_t* count) {
 template <typename Sink>
 size_t read_ints(nb::handle obj, const char* what, Sink&& sink, size_t* count) {
   PyObject* o = obj.ptr();
+  // An item's __index__ is Python code: it may change the very list being
+  // read. So each item is held while it converts, the list's items are
+  // re-read after every conversion, and a list that changed size is refused.
   auto from_fast = [&](PyObject* seq) {
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject** items = PySequence_Fast_ITEMS(seq);
     *count = static_cast<size_t>(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
+      KVTTL_CHECK(PySequence_Fast_GET_SIZE(seq) == n, BadArgument, what,
+                  ": the list changed size while its items were read");
+      PyObject* item = PySequence_Fast_ITEMS(seq)[i];
       long long v;
       unsigned long long u;
       bool is_u;
-      KVTTL_CHECK(read_int(items[i], &v, &u, &is_u), BadArgument, what,
-                  ": expected integers, item ", i, " is ", type_name(items[i]));
+      bool ok;
+      if (PyLong_CheckExact(item)) {  // the common case runs no Python code
+        ok = read_int(item, &v, &u, &is_u, what, i);
+      } else {
+        Py_INCREF(item);
+        try {
+          ok = read_int(item, &v, &u, &is_u, what, i);
+        } catch (...) {
+          Py_DECREF(item);
+          throw;
+        }
+        if (!ok) {
+          const std::string type = type_name(item);
+          Py_DECREF(item);
+          throw BadArgument(kvttl::detail::cat(what, ": expected integers, item ", i, " is ", type));
+        }
+        Py_DECREF(item);
+      }
+      KVTTL_CHECK(ok, BadArgument, what, ": expected integers, item ", i, " is ", type_name(item));
       sink(static_cast<size_t>(i), is_u ? (long long)u : v, is_u);
     }
+    KVTTL_CHECK(PySequence_Fast_GET_SIZE(seq) == n, BadArgument, what,
+                ": the list changed size while its items were read");
   };
   if (PyList_Check(o) || PyTuple_Check(o)) {
     from_fast(o);
@@ -255,17 +302,21 @@ kvttl::HashSpan parse_hashes(nb::handle obj, std::vector<BlockHash>& buf, const 
   return {buf.data(), buf.size()};
 }
 
+// A str argument as UTF-8, or BadArgument naming it (a lone surrogate has none).
+std::string utf8(nb::handle h, const char* what) {
+  KVTTL_CHECK(PyUnicode_Check(h.ptr()), BadArgument, what, " must be a str, got ", type_name(h.ptr()));
+  Py_ssize_t size;
+  const char* s = PyUnicode_AsUTF8AndSize(h.ptr(), &size);
+  if (!s) {
+    PyErr_Clear();
+    throw BadArgument(kvttl::detail::cat(what, ": string is not valid UTF-8"));
+  }
+  return std::string(s, static_cast<size_t>(size));
+}
+
 kvttl::Owner parse_owner(nb::handle h) {
   PyObject* o = h.ptr();
-  if (PyUnicode_Check(o)) {
-    Py_ssize_t size;
-    const char* s = PyUnicode_AsUTF8AndSize(o, &size);
-    if (!s) {
-      PyErr_Clear();
-      throw BadArgument("owner: string is not valid UTF-8");
-    }
-    return std::string(s, static_cast<size_t>(size));
-  }
+  if (PyUnicode_Check(o)) return utf8(h, "owner");
   if (PyLong_Check(o) && !PyBool_Check(o)) {
     int overflow = 0;
     const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
@@ -276,8 +327,34 @@ kvttl::Owner parse_owner(nb::handle h) {
                                        type_name(o)));
 }
 
-thread_local std::vector<BlockId> tl_ids;
-thread_local std::vector<BlockHash> tl_hashes;
+// A conversion buffer, reused across calls on one thread so a call does not
+// allocate. Converting an argument can run Python code (__index__,
+// __float__) that calls kvttl again on the same thread; such a nested call
+// finds the shared buffer taken and gets one of its own, so it can never
+// overwrite ids the outer call has read but not yet used.
+template <typename T>
+class Scratch {
+ public:
+  Scratch() : shared_(!busy_) { busy_ = true; }
+  ~Scratch() {
+    if (shared_) busy_ = false;
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  std::vector<T>& get() { return shared_ ? shared_buf_ : own_; }
+
+ private:
+  static thread_local std::vector<T> shared_buf_;
+  static thread_local bool busy_;
+  bool shared_;
+  std::vector<T> own_;
+};
+template <typename T>
+thread_local std::vector<T> Scratch<T>::shared_buf_;
+template <typename T>
+thread_local bool Scratch<T>::busy_ = false;
+using IdScratch = Scratch<BlockId>;
+using HashScratch = Scratch<BlockHash>;
 
 
 double to_seconds(nb::handle h, const char* what) {
@@ -295,8 +372,9 @@ int64_t to_int(nb::handle h, const char* what) {
   long long v;
   unsigned long long u;
   bool is_unsigned;
-  KVTTL_CHECK(read_int(h.ptr(), &v, &u, &is_unsigned) && !is_unsigned, BadArgument, what,
-              ": expected an integer that fits in 64 bits, got ", type_name(h.ptr()));
+  KVTTL_CHECK(read_int(h.ptr(), &v, &u, &is_unsigned, what), BadArgument, what,
+              ": expected an integer, got ", type_name(h.ptr()));
+  KVTTL_CHECK(!is_unsigned, BadArgument, what, ": ", int_text(h.ptr()), " does not fit in a signed 64-bit integer");
   return v;
 }
 
@@ -377,8 +455,9 @@ struct PySwapEngine {
                      : method == "loop"    ? Method::kLoop
                                            : throw BadArgument("swap: unknown method '" + method +
                                                                "'; known: kernel, batched, loop");
-    std::vector<BlockId> s = to_vector(parse_ids(src, tl_ids, INT32_MAX, "swap: source ids"));
-    std::vector<BlockId> d = to_vector(parse_ids(dst, tl_ids, INT32_MAX, "swap: destination ids"));
+    IdScratch scratch;
+    std::vector<BlockId> s = to_vector(parse_ids(src, scratch.get(), INT32_MAX, "swap: source ids"));
+    std::vector<BlockId> d = to_vector(parse_ids(dst, scratch.get(), INT32_MAX, "swap: destination ids"));
     KVTTL_CHECK(s.size() == d.size(), BadArgument, "swap: ", s.size(), " source ids but ", d.size(),
                 " destination ids");
     std::vector<kvttl::swap::Pair> pairs(s.size());
@@ -506,6 +585,7 @@ NB_MODULE(_core, m) {
   nb::class_<kvttl::RevokeResult>(m, "RevokeResult")
       .def_ro("revoked", &kvttl::RevokeResult::revoked)
       .def_ro("num_blocks_freed", &kvttl::RevokeResult::num_blocks_freed)
+      .def_prop_ro("num_revoked", [](const kvttl::RevokeResult& r) { return r.revoked.size(); })
       .def("__repr__", [](const kvttl::RevokeResult& r) {
         return kvttl::detail::cat("RevokeResult(num_revoked=", r.revoked.size(),
                                   ", num_blocks_freed=", r.num_blocks_freed, ")");
@@ -517,7 +597,8 @@ NB_MODULE(_core, m) {
                        "the buffer protocol (np.asarray(ids) is zero-copy) and tolist().")
       .def("__init__",
            [](BlockIds* self, nb::handle ids) {
-             new (self) BlockIds(to_vector(parse_ids(ids, tl_ids, INT32_MAX, "BlockIds")));
+             IdScratch scratch;
+             new (self) BlockIds(to_vector(parse_ids(ids, scratch.get(), INT32_MAX, "BlockIds")));
            },
            "ids"_a.none())
       .def("__len__", [](const BlockIds& b) { return b.ids.size(); })
@@ -550,7 +631,8 @@ NB_MODULE(_core, m) {
         if (PyList_Check(other.ptr()) || PyTuple_Check(other.ptr())) {
           std::vector<BlockId> v;
           try {
-            v = to_vector(parse_ids(other, tl_ids, INT32_MAX, "BlockIds"));
+            IdScratch scratch;
+            v = to_vector(parse_ids(other, scratch.get(), INT32_MAX, "BlockIds"));
           } catch (const kvttl::Error&) {
             return nb::bool_(false);
           }
@@ -601,23 +683,28 @@ NB_MODULE(_core, m) {
            "n"_a.none())
       .def("add_ref",
            [](kvttl::BlockPool& p, nb::handle ids) {
-             p.add_ref(parse_ids(ids, tl_ids, p.capacity(), "add_ref"));
+             IdScratch scratch;
+             p.add_ref(parse_ids(ids, scratch.get(), p.capacity(), "add_ref"));
            },
            "ids"_a.none())
       .def("drop_ref",
            [](kvttl::BlockPool& p, nb::handle ids) {
-             return p.drop_ref(parse_ids(ids, tl_ids, p.capacity(), "drop_ref"));
+             IdScratch scratch;
+             return p.drop_ref(parse_ids(ids, scratch.get(), p.capacity(), "drop_ref"));
            },
            "ids"_a.none())
       .def("register_hashes",
            [](kvttl::BlockPool& p, nb::handle ids, nb::handle hashes) {
-             auto id_span = parse_ids(ids, tl_ids, p.capacity(), "register_hashes");
-             return p.register_hashes(id_span, parse_hashes(hashes, tl_hashes, "register_hashes"));
+             IdScratch id_scratch;
+             HashScratch hash_scratch;
+             auto id_span = parse_ids(ids, id_scratch.get(), p.capacity(), "register_hashes");
+             return p.register_hashes(id_span, parse_hashes(hashes, hash_scratch.get(), "register_hashes"));
            },
            "ids"_a.none(), "hashes"_a.none())
       .def("lookup_prefix",
            [](const kvttl::BlockPool& p, nb::handle hashes) {
-             auto span = parse_hashes(hashes, tl_hashes, "lookup_prefix");
+             HashScratch scratch;
+             auto span = parse_hashes(hashes, scratch.get(), "lookup_prefix");
              std::vector<BlockId> ids(span.size);
              ids.resize(p.lookup_prefix(span, ids.data()));
              return make_ids(std::move(ids));
@@ -625,7 +712,8 @@ NB_MODULE(_core, m) {
            "hashes"_a.none())
       .def("acquire_prefix",
            [](kvttl::BlockPool& p, nb::handle hashes) {
-             auto span = parse_hashes(hashes, tl_hashes, "acquire_prefix");
+             HashScratch scratch;
+             auto span = parse_hashes(hashes, scratch.get(), "acquire_prefix");
              std::vector<BlockId> ids(span.size);
              ids.resize(p.acquire_prefix(span, ids.data()));
              return make_ids(std::move(ids));
@@ -633,7 +721,8 @@ NB_MODULE(_core, m) {
            "hashes"_a.none())
       .def("evict",
            [](kvttl::BlockPool& p, nb::handle ids) {
-             return p.evict(parse_ids(ids, tl_ids, p.capacity(), "evict"));
+             IdScratch scratch;
+             return p.evict(parse_ids(ids, scratch.get(), p.capacity(), "evict"));
            },
            "ids"_a.none())
       .def_prop_ro("num_free", &kvttl::BlockPool::num_free)
@@ -661,15 +750,18 @@ NB_MODULE(_core, m) {
            [](kvttl::LeaseTable& t, nb::handle owner, nb::handle blocks, nb::handle now,
               nb::handle ttl, nb::handle tool, nb::handle num_tokens, nb::handle priority) {
              // Converted in a fixed order so the first bad argument is the one reported.
+             // Converted in a fixed order so the first bad argument is the one
+             // reported; the ids last, so no other conversion runs between
+             // reading them and using them.
              const auto o = parse_owner(owner);
              const double now_s = to_seconds(now, "grant: now");
              const double ttl_s = to_seconds(ttl, "grant: ttl");
-             const auto ids = parse_ids(blocks, tl_ids, t.target().capacity(), "grant");
              const int64_t tokens = to_int(num_tokens, "grant: num_tokens");
              const double prio = to_seconds(priority, "grant: priority");
-             KVTTL_CHECK(PyUnicode_Check(tool.ptr()), BadArgument, "grant: tool must be a str, got ",
-                         type_name(tool.ptr()));
-             return t.grant(o, ids, now_s, ttl_s, nb::cast<std::string>(tool), tokens, prio);
+             const std::string tool_name = utf8(tool, "grant: tool");
+             IdScratch scratch;
+             const auto ids = parse_ids(blocks, scratch.get(), t.target().capacity(), "grant");
+             return t.grant(o, ids, now_s, ttl_s, tool_name, tokens, prio);
            },
            "owner"_a.none(), "blocks"_a.none(), "now"_a.none(), "ttl"_a.none(), "tool"_a.none(), "num_tokens"_a.none(),
            "priority"_a.none())
@@ -712,8 +804,8 @@ NB_MODULE(_core, m) {
            },
            "owner"_a.none(), "now"_a.none(), "ttl"_a.none(), "keep_blocks"_a.none())
       .def("revoke",
-           [](kvttl::LeaseTable& t, nb::handle num_blocks, nb::handle num_leases, const std::string& order) {
-             const auto o = parse_order(order);
+           [](kvttl::LeaseTable& t, nb::handle num_blocks, nb::handle num_leases, nb::handle order) {
+             const auto o = parse_order(utf8(order, "revoke: order"));
              const int64_t n = to_int(num_blocks, "revoke: num_blocks");
              const int64_t k = to_int(num_leases, "revoke: num_leases");
              kvttl::RevokeResult r;
@@ -723,7 +815,7 @@ NB_MODULE(_core, m) {
              }
              return r;
            },
-           "num_blocks"_a.none(), "num_leases"_a.none(), "order"_a)
+           "num_blocks"_a.none(), "num_leases"_a.none(), "order"_a.none())
       .def("revoke_in_order",
            [](kvttl::LeaseTable& t, nb::handle num_blocks, nb::handle num_leases,
               const std::vector<uint64_t>& lease_ids) {

@@ -187,8 +187,8 @@ bool LeaseTable::demote(const Owner& owner, double now, double ttl, int64_t keep
   std::lock_guard<std::mutex> lock(target_.mu_);
   check_now(now, "demote");
   check_ttl(ttl, "demote");
-  KVTTL_CHECK(keep_blocks != 0, BadArgument,
-              "demote: keep_blocks must be >= 1 (or -1 to keep all); use release to drop a lease");
+  KVTTL_CHECK(keep_blocks >= 1 || keep_blocks == -1, BadArgument, "demote: keep_blocks must be >= 1 (or -1 to keep all), got ",
+              keep_blocks, "; use release to drop a lease");
   *blocks_freed = 0;
   Lease* lease = find_locked(owner);
   if (!lease) return false;

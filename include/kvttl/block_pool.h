@@ -59,10 +59,11 @@ class BlockPool final : public PinTarget {
   void add_ref(IdSpan ids);
 
   // One engine reference fewer on each block. A block whose ref reaches 0
-  // joins the free queue, in the order given (the first of the batch is
-  // evicted first): engines that want a request's tail evicted before its
-  // prefix pass the ids in reverse. Returns how many blocks became
-  // free or cached.
+  // joins the free queue: a hashed one at the cached tail, in the order
+  // given (the first of the batch is evicted first; engines that want a
+  // request's tail evicted before its prefix pass the ids in reverse); an
+  // unhashed one at the head, so of those the last given is handed out
+  // first. Returns how many blocks became free or cached.
   int64_t drop_ref(IdSpan ids);
 
   // Registers full blocks' content hashes. Each block must be referenced and
@@ -125,7 +126,7 @@ class BlockPool final : public PinTarget {
   void push_tail(BlockId id);
   void drop_content(BlockId id);
   void release_one(BlockId id);  // ref reached 0: into the queue
-  size_t lookup_prefix_locked(HashSpan hashes, BlockId* out) const;
+  size_t lookup_prefix_locked(HashSpan hashes, BlockId* out, const char* what) const;
   void add_ref_locked(IdSpan ids);
 
   std::vector<Block> blocks_;  // capacity_ + 1: the last is the queue sentinel

@@ -66,9 +66,10 @@ class BlockPool:
         head -> [free, newest first] -> [cached, least .. most recently released] <- tail
 
     A block released without a hash goes to the head, one with a hash to the
-    tail (vLLM's order). ``drop_ref`` queues a batch in the order given, first
-    evicted first: pass a request's blocks in reverse to evict its tail before
-    its prefix, as vLLM does.
+    tail (vLLM's order). ``drop_ref`` queues a batch's hashed blocks in the
+    order given, first evicted first: pass a request's blocks in reverse to
+    evict its tail before its prefix, as vLLM does. Its unhashed blocks go to
+    the head one by one, so the last of them is handed out first.
 
     Every method is atomic (one lock per pool, shared with its LeaseTable).
     """
@@ -320,6 +321,9 @@ class LeaseTable:
         ``keep_blocks`` blocks stay pinned (a newer turn superseded the tail).
         Returns how many blocks became free or cached, or ``None`` if the
         owner holds no lease."""
+        if isinstance(keep_blocks, int) and not isinstance(keep_blocks, bool) and keep_blocks < 1:
+            raise BadArgumentError(f"demote: keep_blocks must be >= 1 (None keeps them all), got {keep_blocks}; "
+                                   "use release to drop a lease")
         return self._native.demote(
             owner, self._clock() if now is None else now, ttl, -1 if keep_blocks is None else keep_blocks
         )
