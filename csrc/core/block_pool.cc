@@ -186,31 +186,29 @@ int64_t BlockPool::register_hashes(IdSpan ids, HashSpan hashes) {
   return indexed;
 }
 
-size_t BlockPool::lookup_prefix_locked(HashSpan hashes, BlockId* out, const char* what) const {
-  // One hash names one block, so a hash repeated inside the matched run
-  // would hand out a block twice: a malformed chain, refused by name.
+size_t BlockPool::lookup_prefix_locked(HashSpan hashes, BlockId* out) const {
+  // One hash names one block, so a hash repeated inside the run would hand
+  // out a block twice: the run ends there instead. (A repeat is no error:
+  // an index keyed by truncated hashes sees one on a truncation collision.)
   const uint32_t epoch = next_epoch();
   size_t n = 0;
   for (BlockHash h : hashes) {
     auto it = prefix_index_.find(h);
-    if (it == prefix_index_.end()) break;
-    const BlockId b = it->second;
-    KVTTL_CHECK(seen_[b] != epoch, BadArgument, what, ": hash ", h, " appears more than once (position ", n,
-                "); a prefix names each block once");
-    seen_[b] = epoch;
-    out[n++] = b;
+    if (it == prefix_index_.end() || seen_[it->second] == epoch) break;
+    seen_[it->second] = epoch;
+    out[n++] = it->second;
   }
   return n;
 }
 
 size_t BlockPool::lookup_prefix(HashSpan hashes, BlockId* out) const {
   std::lock_guard<std::mutex> lock(mu_);
-  return lookup_prefix_locked(hashes, out, "lookup_prefix");
+  return lookup_prefix_locked(hashes, out);
 }
 
 size_t BlockPool::acquire_prefix(HashSpan hashes, BlockId* out) {
   std::lock_guard<std::mutex> lock(mu_);
-  const size_t n = lookup_prefix_locked(hashes, out, "acquire_prefix");
+  const size_t n = lookup_prefix_locked(hashes, out);
   check_ref_room(IdSpan{out, n}, "acquire_prefix");
   add_ref_locked(IdSpan{out, n});  // the index holds no duplicate ids
   return n;

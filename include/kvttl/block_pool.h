@@ -72,7 +72,8 @@ class BlockPool final : public PinTarget {
   int64_t register_hashes(IdSpan ids, HashSpan hashes);
 
   // Longest run of blocks, from the first hash on, whose content is cached or
-  // referenced. Writes the ids to out (room for hashes.size) and returns the
+  // referenced; a hash repeated in the run ends it (no block comes back
+  // twice). Writes the ids to out (room for hashes.size) and returns the
   // count. Changes nothing.
   size_t lookup_prefix(HashSpan hashes, BlockId* out) const;
 
@@ -126,7 +127,7 @@ class BlockPool final : public PinTarget {
   void push_tail(BlockId id);
   void drop_content(BlockId id);
   void release_one(BlockId id);  // ref reached 0: into the queue
-  size_t lookup_prefix_locked(HashSpan hashes, BlockId* out, const char* what) const;
+  size_t lookup_prefix_locked(HashSpan hashes, BlockId* out) const;
   void add_ref_locked(IdSpan ids);
 
   std::vector<Block> blocks_;  // capacity_ + 1: the last is the queue sentinel

@@ -106,7 +106,8 @@ class BlockPool:
 
     def lookup_prefix(self, hashes: Sequence[int]):
         """Ids of the longest run of blocks, from the first hash on, whose
-        content is cached or referenced. Takes no references."""
+        content is cached or referenced. A hash repeated in the run ends it:
+        no block comes back twice. Takes no references."""
         return self._native.lookup_prefix(hashes)
 
     def acquire_prefix(self, hashes: Sequence[int]):
