@@ -54,6 +54,10 @@ def hints_for(program, *, ttl=None, tool="bash", last=False, payload=None):
     return make_kv_hints(program, tool=tool, ttl=ttl, last_turn=last)
 
 
+class EngineRefused(Exception):
+    """The engine's own request validation refused the request before kvttl saw it."""
+
+
 class FakeClock:
     def __init__(self, t: float = 1000.0):
         self.t = t
@@ -228,17 +232,27 @@ class VllmDriver(Driver):
         self._rng = random.Random(0)
         self._ids = itertools.count()
 
-    def _params(self, _envelope, payload):
+    has_tenants = True
+    #: where a raw payload can ride on a vLLM request (kvttl_vllm.hints reads each)
+    ENVELOPES = ("kv_transfer_params", "kv_hints", "extra_args", "flat")
+
+    def _params(self, payload, where):
         from vllm import SamplingParams
 
         extra = None
-        if payload is not None:  # the raw payload as clients put it in kv_transfer_params
+        if payload is not None and where == "kv_transfer_params":  # as clients put it in the OpenAI field
             extra = {"kv_transfer_params": {"kvttl": payload}}
+        elif payload is not None and where == "extra_args":
+            extra = {"kvttl": payload}
+        elif payload is not None and where == "flat":  # vllm_xargs
+            items = payload.items() if isinstance(payload, dict) else [("program_id", payload)]
+            extra = {f"kvttl_{k}": v for k, v in items}
         return SamplingParams(max_tokens=self.output_tokens, temperature=0, ignore_eos=True, extra_args=extra)
 
-    def start(self, new, *, after=None, program=None, ttl=None, last=False, payload=None):
-        """Good hints go in vLLM's kv_hints envelope; a bad payload in
-        kv_transfer_params, or, where vLLM's own validation refuses it there
+    def start(self, new, *, after=None, program=None, ttl=None, last=False, payload=None,
+              where="kv_transfer_params", cache_salt=None):
+        """Good hints go in vLLM's kv_hints envelope; a bad payload ``where``
+        it is asked to go, or, where vLLM's own validation refuses it there
         (integers past 64 bits), in the envelope."""
         import msgspec
         from vllm import TokensPrompt
@@ -248,13 +262,19 @@ class VllmDriver(Driver):
         prompt = (list(after.context) if after else []) + [self._rng.randrange(2048) for _ in range(new)]
         rid = f"c{next(self._ids)}"
         envelope = hints_for(program, ttl=ttl, last=last) if payload is None else None
-        tokens = TokensPrompt(prompt_token_ids=prompt)
+        if payload is not None and where == "kv_hints":
+            envelope, payload = hints_for(None, payload=payload), None
+        tokens = TokensPrompt(prompt_token_ids=prompt, **({"cache_salt": cache_salt} if cache_salt else {}))
         try:
-            self.engine.add_request(rid, tokens, self._params(envelope, payload),
+            self.engine.add_request(rid, tokens, self._params(payload, where),
                                     kv_hints=msgspec.convert(envelope, KvHintsEnvelope) if envelope else None)
-        except VLLMValidationError:
-            self.engine.add_request(rid, tokens, self._params(None, None),
-                                    kv_hints=msgspec.convert(hints_for(None, payload=payload), KvHintsEnvelope))
+        except (VLLMValidationError, msgspec.ValidationError):
+            envelope = envelope if payload is None else hints_for(None, payload=payload)
+            try:
+                converted = msgspec.convert(envelope, KvHintsEnvelope)
+            except msgspec.ValidationError as e:  # vLLM's own types refuse it: it never reaches kvttl
+                raise EngineRefused(str(e)) from None
+            self.engine.add_request(rid, tokens, self._params(None, where), kv_hints=converted)
         handle = Handle(rid, prompt)
         self._step(handle)
         return handle
@@ -312,15 +332,15 @@ class SglangDriver(Driver):
         self.kit = self.cache.kit
         self._seeds = itertools.count(1000)
 
-    def start(self, new, *, after=None, program=None, ttl=None, last=False, payload=None):
-        import pytest
+    has_tenants = True
 
+    def start(self, new, *, after=None, program=None, ttl=None, last=False, payload=None, cache_salt=None):
         prompt = (after.context if after else []) + self.h.tokens(next(self._seeds), new)
         try:
             turn = self.h.Turn(self.cache, prompt, self.output_tokens,
-                               hints=hints_for(program, ttl=ttl, last=last, payload=payload))
+                               hints=hints_for(program, ttl=ttl, last=last, payload=payload), cache_salt=cache_salt)
         except ValueError as e:  # SGLang's own envelope check refuses it: it never reaches kvttl
-            pytest.skip(f"SGLang rejects this request itself: {e}")
+            raise EngineRefused(f"SGLang rejects this request itself: {e}") from None
         turn.arrive()
         handle = Handle(turn, prompt)
         handle.extra["cached"] = turn.prefix_len

@@ -69,11 +69,19 @@ def load_config(text: str | None = None) -> KitConfig:
     return load_kit_config(given, source=CONFIG_ENV)[0]
 
 
+def isolation_key(req) -> str:
+    """The request's tenant: SGLang's own cache-isolation key, the
+    ``extra_key`` (LoRA id included) and ``cache_salt`` its radix tree keys
+    prefixes by. Program ids are scoped by it."""
+    extra, salt = getattr(req, "extra_key", None) or "", getattr(req, "cache_salt", None) or ""
+    return f"{extra}\0{salt}" if extra or salt else ""
+
+
 def turn_hints(req) -> TurnHints | None:
     """The kvttl hints a request carries in ``kv_hints`` (action type
     ``kvttl.turn``), or None. Bad hints are dropped with a warning."""
     return read_hints(payload_from_envelope(getattr(req, "kv_hints", None)), log=logger,
-                      request=getattr(req, "rid", "?"))
+                      request=getattr(req, "rid", "?"), tenant=isolation_key(req))
 
 
 _UNPARSED = object()
@@ -236,7 +244,7 @@ class KvttlRadixCache(UnifiedRadixCache):
         """The policy's order (Continuum: program-level FCFS, pinned programs
         first); requests without a program are programs of one turn."""
         hints = _hints_of(req)
-        return self.kit.queue_key(hints.program_id if hints is not None else None, _entry_time(req))
+        return self.kit.queue_key(hints.key if hints is not None else None, _entry_time(req))
 
     def relieve_pressure(self, waiting_queue, running_batch=None) -> int:
         """Revoke leases while the head of the queue cannot fit, as the
@@ -251,7 +259,7 @@ class KvttlRadixCache(UnifiedRadixCache):
             return 0  # it fits: no clock reading (a collective under TP) on this scheduling pass
         now = self.tick()  # due leases first: they may be enough
         hints = _hints_of(head)
-        program = self.kit.programs.get(hints.program_id) if hints is not None else None
+        program = self.kit.programs.get(hints.key) if hints is not None else None
         arrival = program.first_arrival if program is not None else _entry_time(head)
         idle = running_batch is None or running_batch.is_empty()
         revoked = 0
@@ -271,8 +279,9 @@ class KvttlRadixCache(UnifiedRadixCache):
     def leased_tokens(self) -> int:
         return sum(lease.num_tokens for lease in self.kit.leases())
 
-    def lease_of(self, program_id):
-        return self.kit.lease_of(program_id)
+    def lease_of(self, program_id, *, tenant: str = ""):
+        """The lease of ``program_id`` within ``tenant`` (``isolation_key`` of its requests)."""
+        return self.kit.lease_of(program_id, tenant=tenant)
 
     def release_all_leases(self) -> int:
         return self.kit.release_all()

@@ -325,9 +325,9 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         ids = list(request.output_token_ids)[-TOOL_PARSE_TOKENS:]
         return tool_from_output(self._tokenizer.decode(ids, skip_special_tokens=True))
 
-    def holds_lease(self, program_id) -> bool:
+    def holds_lease(self, program_id, *, tenant: str = "") -> bool:
         """Whether the program's last turn is pinned right now."""
-        return self.kit is not None and self.kit.has_lease(program_id)
+        return self.kit is not None and self.kit.has_lease(program_id, tenant=tenant)
 
     # ---- metrics: vLLM logs these and exports them to Prometheus ----------------------
     def get_kv_connector_stats(self) -> KVConnectorStats | None:

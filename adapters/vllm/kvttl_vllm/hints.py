@@ -12,6 +12,10 @@ A request names its program in any of these (the first found wins):
 
 A request's vLLM ``session_id`` is its program id when the hints name none.
 Requests with no program id take vLLM's normal path.
+
+Program ids are scoped by the request's cache-isolation key (``cache_salt``
+and LoRA adapter, what vLLM's prefix cache keys blocks by): requests with
+another salt cannot see, release or replace the program's lease.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from kvttl.policy import TurnHints
 
 logger = logging.getLogger("kvttl.vllm")
 
-__all__ = ["request_hints", "parse_hints"]
+__all__ = ["request_hints", "parse_hints", "isolation_key"]
 
 _UNPARSED = object()
 
@@ -38,10 +42,19 @@ def request_hints(request) -> TurnHints | None:
         hints = request._kvttl_hints = parse_hints(
             request.kv_transfer_params, params.extra_args if params is not None else None,
             session_id=getattr(request, "session_id", None), kv_hints=getattr(request, "kv_hints", None),
-            request_id=request.request_id, errors=errors)
+            request_id=request.request_id, errors=errors, tenant=isolation_key(request))
         if errors:  # for the response (kvttl.kit.hint_report)
             request._kvttl_hint_errors = errors
     return hints
+
+
+def isolation_key(request) -> str:
+    """The request's tenant: its ``cache_salt`` and LoRA adapter name, the
+    keys vLLM's prefix cache isolates blocks by ("" with neither)."""
+    salt = getattr(request, "cache_salt", None) or ""
+    lora = getattr(request, "lora_request", None)
+    lora_name = getattr(lora, "lora_name", None) or "" if lora is not None else ""
+    return f"{salt}\0lora:{lora_name}" if lora_name else salt
 
 
 def _payload(kv_transfer_params, extra_args, kv_hints):
@@ -58,7 +71,7 @@ def _payload(kv_transfer_params, extra_args, kv_hints):
 
 
 def parse_hints(kv_transfer_params, extra_args, *, session_id=None, kv_hints=None,
-                request_id: str = "?", errors: list | None = None) -> TurnHints | None:
+                request_id: str = "?", errors: list | None = None, tenant: str = "") -> TurnHints | None:
     """The kvttl hints of a request, or None when it has no program id. Never
     raises: bad hints are dropped with a warning (and appended to ``errors``),
     the request goes on."""
@@ -67,4 +80,4 @@ def parse_hints(kv_transfer_params, extra_args, *, session_id=None, kv_hints=Non
     payload = _payload(kv_transfer_params, extra_args, kv_hints)
     if session_id and (payload is None or (isinstance(payload, dict) and payload.get("program_id") is None)):
         payload = {**(payload if isinstance(payload, dict) else {}), "program_id": session_id}
-    return read_hints(payload, log=logger, request=request_id, errors=errors)
+    return read_hints(payload, log=logger, request=request_id, errors=errors, tenant=tenant)

@@ -159,7 +159,7 @@ class KvttlScheduler(Scheduler):
         if kit is None or not kit.orders_queue:
             return (request.arrival_time,)
         hints = request_hints(request)
-        return kit.queue_key(hints.program_id if hints is not None else None, request.arrival_time)
+        return kit.queue_key(hints.key if hints is not None else None, request.arrival_time)
 
 
 class KvttlAsyncScheduler(KvttlScheduler, AsyncScheduler):

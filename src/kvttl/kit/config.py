@@ -69,6 +69,13 @@ class KitConfig:
     #: consecutive engine steps that schedule nothing, while leases hold
     #: memory, before one lease is given back (pins never stall the engine)
     stall_steps: int = 4
+    #: the longest lease the server grants, in seconds: a client's ``ttl``
+    #: above it is clamped (the response says so), and so is the policy's
+    max_ttl_s: float = 600.0
+    #: most of the engine's blocks that one tenant's leases may pin at once,
+    #: in [0, 1] (a tenant: requests with one cache-isolation key, such as
+    #: vLLM's ``cache_salt``); None: only ``pinned_share_cap`` applies
+    tenant_pinned_share: float | None = None
 
 
 CONFIG_KEYS = tuple(f.name for f in attrs.fields(KitConfig))
@@ -154,6 +161,12 @@ def load_config(given: Mapping | None, *, source: str = "kvttl config",
         values["max_programs"] = _number(source, "max_programs", values["max_programs"], low=1, integer=True)
     if "forget_after_s" in values:
         values["forget_after_s"] = _number(source, "forget_after_s", values["forget_after_s"], low=0.0, low_open=True)
+    if "max_ttl_s" in values:
+        values["max_ttl_s"] = _number(source, "max_ttl_s", values["max_ttl_s"], low=0.0, high=MAX_TTL_S,
+                                      low_open=True)
+    if values.get("tenant_pinned_share") is not None:
+        values["tenant_pinned_share"] = _number(source, "tenant_pinned_share", values["tenant_pinned_share"],
+                                                low=0.0, high=1.0)
     if "stall_steps" in values:
         values["stall_steps"] = _number(source, "stall_steps", values["stall_steps"], low=1, integer=True)
     return KitConfig(**values), extras

@@ -62,14 +62,16 @@ def payload_from_envelope(envelope):
 
 
 def read_hints(payload, *, log: logging.Logger, request: object = "?",
-               errors: list | None = None) -> TurnHints | None:
+               errors: list | None = None, tenant: str = "") -> TurnHints | None:
     """TurnHints from a payload, or None (no program id, or unusable hints).
     Never raises: every problem is one warning on ``log`` naming the request.
     Why unusable hints were dropped is also appended to ``errors``, for the
     engine to tell the client in its response (``hint_invalid``); hints that
-    were only partly ignored carry that in ``TurnHints.warnings``."""
+    were only partly ignored carry that in ``TurnHints.warnings``.
+    ``tenant``: the request's cache-isolation key, which scopes its program
+    id (``kvttl.policy.program_key``); the engine's, never the client's hints'."""
     try:
-        hints = parse_turn_hints(payload)
+        hints = parse_turn_hints(payload, tenant=tenant)
     except Exception as e:  # client input: whatever it is, the request goes on without kvttl
         log.warning("kvttl: ignoring the hints of request %s: %s", request, e)
         if errors is not None:

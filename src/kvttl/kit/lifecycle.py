@@ -33,7 +33,7 @@ from kvttl.errors import BadArgumentError
 from kvttl.kit.config import KitConfig
 from kvttl.kit.costs import HostCosts, StepCosts
 from kvttl.kit.programs import Program, ProgramTable
-from kvttl.policy import QueueEntry, ReloadModel, SchedulingPolicy, TurnContext, TurnHints, get_policy
+from kvttl.policy import QueueEntry, ReloadModel, SchedulingPolicy, TurnContext, TurnHints, get_policy, program_key
 
 __all__ = ["EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS", "hint_report"]
 
@@ -41,10 +41,11 @@ __all__ = ["EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", 
 LEASE_EVENTS = ("granted", "refused", "hit", "expired", "revoked", "released")
 
 #: Why a finished turn holds no lease (``FinishOutcome.reason``): the policy
-#: chose no TTL; the pinned-share cap refused the grant; the turn left no full
-#: block; the client said it was the last turn; it was aborted; or (the
-#: adapter's, ``hint_report``) its hints were unusable, so kvttl never saw it.
-REFUSAL_REASONS = ("policy", "cap", "no_blocks", "last_turn", "aborted", "hint_invalid")
+#: chose no TTL; the pinned-share cap refused the grant; its tenant's pin
+#: share (``config.tenant_pinned_share``) did; the turn left no full block;
+#: the client said it was the last turn; it was aborted; or (the adapter's,
+#: ``hint_report``) its hints were unusable, so kvttl never saw it.
+REFUSAL_REASONS = ("policy", "cap", "tenant_cap", "no_blocks", "last_turn", "aborted", "hint_invalid")
 
 #: Kit seconds between sweeps for quiet idle programs, at most (a quarter of
 #: config.forget_after_s when that is shorter).
@@ -115,6 +116,8 @@ class FinishOutcome(NamedTuple):
     copied_out: bool = False
     #: the tool the turn called
     tool: str = ""
+    #: the client's ``ttl`` hint, when it was above ``config.max_ttl_s`` and clamped to it (0: not clamped)
+    ttl_clamped_from_s: float = 0.0
 
     def report(self, hints: TurnHints | None = None) -> dict:
         """What the engine tells the client about this turn (vLLM: the
@@ -126,14 +129,18 @@ class FinishOutcome(NamedTuple):
                           num_blocks=self.num_blocks)
         else:
             report["reason"] = self.reason
-            if self.reason in ("policy", "cap", "no_blocks"):
+            if self.reason in ("policy", "cap", "tenant_cap", "no_blocks"):
                 report["ttl_s"] = self.ttl_s  # the policy's choice: 0, or what the cap refused
         if self.reason not in ("last_turn", "aborted"):
             report["tool"] = self.tool
         if self.copied_out:
             report["copied_to_host"] = True
-        if hints is not None and hints.warnings:
-            report["hint_warnings"] = list(hints.warnings)
+        warnings = list(hints.warnings) if hints is not None else []
+        if self.ttl_clamped_from_s:
+            report["ttl_clamped_from_s"] = self.ttl_clamped_from_s
+            warnings.append(f"ttl {self.ttl_clamped_from_s:g} s clamped to the server's max_ttl_s")
+        if warnings:
+            report["hint_warnings"] = warnings
         return report
 
 
@@ -207,6 +214,7 @@ class EngineKit:
         #: bumped by every counted event: a reporter that saw this value has nothing new
         self.changes = 0
         self._held = 0  # programs whose lease the engine holds: the table's lease count, kept in Python
+        self._tenant_pinned: dict[str, int] = {}  # blocks each tenant's leases pin (entries only while > 0)
 
     def _offload_mode(self) -> str:
         if not self.has_host_tier:
@@ -230,14 +238,22 @@ class EngineKit:
         if hints is None:
             return None
         now = self._now(now)
-        program_id = hints.program_id
+        program_id = hints.key
         program = self.programs.get(program_id)
         if program is None:
             program = self.programs.add(program_id, now if arrival is None else arrival, now)
+            program.tenant = hints.tenant
         else:
             self.programs.touch(program, now)
             if program.finished_at is not None and program.in_flight == 0:
-                self.policy.ttl.on_tool_return(program.tool, max(0.0, now - program.finished_at))
+                gap = max(0.0, now - program.finished_at)
+                self.policy.ttl.on_tool_return(program.tool, gap)
+                # Queue age counts only while the program is active: a gap
+                # longer than any lease the server grants is dormancy, which
+                # counts for nothing, so an old id buys no place at the head
+                # of the queue.
+                if gap > self.config.max_ttl_s:
+                    program.first_arrival += gap
             if program.pin is not None:
                 self._count("hit")
                 if self.policy.hold_while_waiting:
@@ -312,20 +328,27 @@ class EngineKit:
         bs = self.block_size
         if self.step_costs is not None:
             self._refresh_reload()
+        max_ttl = self.config.max_ttl_s
+        hint_ttl, clamped_from = hints.ttl_s, 0.0
+        if hint_ttl is not None and hint_ttl > max_ttl:
+            hint_ttl, clamped_from = max_ttl, hint_ttl
         context = TurnContext(
             program_id=program_id, tool=tool, turn_index=turn.index, num_tokens=num_tokens, num_blocks=num_blocks,
             prefill_s=self.reload.prefill_s(num_tokens),
             host_reload_s=self.reload.host_reload_s(num_tokens) if self.has_host_tier else None,
-            hint_ttl_s=hints.ttl_s, free_fraction=free_blocks / self.num_blocks,
+            hint_ttl_s=hint_ttl, free_fraction=free_blocks / self.num_blocks,
             used_tokens=(self.num_blocks - free_blocks) * bs)
-        ttl = self.policy.ttl.ttl(context)
+        ttl = min(self.policy.ttl.ttl(context), max_ttl)
         granted, reason, lease_id = False, "policy", 0
-        if ttl > 0 and num_blocks:
+        if ttl > 0 and num_blocks and not self._tenant_has_room(program, num_blocks):
+            reason = "tenant_cap"
+            self._count("refused")
+        elif ttl > 0 and num_blocks:
             grant = self.table.grant(program_id, blocks, ttl, tool=tool, num_tokens=num_tokens,
                                      priority=program.first_arrival, now=now)
             if grant.granted:
                 granted, reason, lease_id = True, "", grant.lease_id
-                self._pinned(program, pin_ref)
+                self._pinned(program, pin_ref, num_blocks)
             else:
                 reason = "cap"
             self._count("granted" if granted else "refused")
@@ -340,9 +363,25 @@ class EngineKit:
         if copied and num_blocks:
             self.hooks.copy_out(pin_ref)
         return FinishOutcome(granted, reason, float(ttl), lease_id, num_blocks if granted else 0,
-                             copied and bool(num_blocks), tool)
+                             copied and bool(num_blocks), tool, clamped_from)
 
-    def _pinned(self, program: Program, pin_ref) -> None:
+    def _tenant_has_room(self, program: Program, num_blocks: int) -> bool:
+        """Whether a lease of ``num_blocks`` for ``program`` keeps its tenant
+        within ``config.tenant_pinned_share`` (net of the lease it replaces)."""
+        share = self.config.tenant_pinned_share
+        if share is None:
+            return True
+        held = self._tenant_pinned.get(program.tenant, 0) - (program.pinned_blocks if program.pin is not None else 0)
+        return held + num_blocks <= int(share * self.num_blocks)
+
+    def _tenant_count(self, program: Program, delta: int) -> None:
+        count = self._tenant_pinned.get(program.tenant, 0) + delta
+        if count:
+            self._tenant_pinned[program.tenant] = count
+        else:
+            self._tenant_pinned.pop(program.tenant, None)
+
+    def _pinned(self, program: Program, pin_ref, num_blocks: int) -> None:
         """The table granted (and replaced any older lease of the program):
         the engine's new hold first, then the old one goes."""
         try:
@@ -353,6 +392,8 @@ class EngineKit:
                 self._lease_gone(program, "released")
             raise
         old, program.pin = program.pin, _HELD if handle is None else handle
+        self._tenant_count(program, num_blocks - (program.pinned_blocks if old is not None else 0))
+        program.pinned_blocks = num_blocks
         if old is not None:
             self.hooks.unpin(None if old is _HELD else old, reason="released", copy_out=False)
             self._count("released")
@@ -362,6 +403,8 @@ class EngineKit:
     def _lease_gone(self, program: Program, reason: str) -> None:
         """The table's lease of the program ended: drop the engine's hold."""
         handle, program.pin = program.pin, None
+        self._tenant_count(program, -program.pinned_blocks)
+        program.pinned_blocks = 0
         self._held -= 1
         copy_out = reason != "released" and self.offload_mode == "on_unpin"
         self.hooks.unpin(None if handle is _HELD else handle, reason=reason, copy_out=copy_out)
@@ -474,9 +517,10 @@ class EngineKit:
     # ---- the waiting queue ---------------------------------------------------------------
     def queue_key(self, program_id: Hashable | None, request_arrival: float) -> tuple:
         """The policy's sort key for a waiting request (smallest first).
-        Requests without a program are programs of one turn; a program's
-        arrival counts as at most :meth:`max_queue_jump` before the
-        request's own."""
+        ``program_id`` is the program's key (``TurnHints.key``: its id within
+        its tenant), None for a request without one. Requests without a
+        program are programs of one turn; a program's arrival counts as at
+        most :meth:`max_queue_jump` before the request's own."""
         program = self.programs.get(program_id) if program_id is not None else None
         if program is None:
             return self.policy.queue_order(QueueEntry(request_arrival, request_arrival, False, 0.0))
@@ -506,12 +550,17 @@ class EngineKit:
     def turn(self, key: Hashable) -> Turn | None:
         return self._turns.get(key)
 
-    def has_lease(self, program_id: Hashable) -> bool:
-        program = self.programs.get(program_id)
+    def has_lease(self, program_id: Hashable, *, tenant: str = "") -> bool:
+        """Whether the program ``program_id`` of ``tenant`` holds a lease."""
+        program = self.programs.get(program_key(program_id, tenant))
         return program is not None and program.pin is not None
 
-    def lease_of(self, program_id: Hashable):
-        return self.table.get(program_id)
+    def lease_of(self, program_id: Hashable, *, tenant: str = ""):
+        return self.table.get(program_key(program_id, tenant))
+
+    def tenant_pinned_blocks(self, tenant: str = "") -> int:
+        """Blocks the leases of ``tenant``'s programs pin (counted per lease)."""
+        return self._tenant_pinned.get(tenant, 0)
 
     def leases(self) -> list:
         return self.table.leases()
@@ -542,6 +591,7 @@ class EngineKit:
         every lease, turn and program without unpinning anything."""
         self.table.release_all()
         self._held = 0
+        self._tenant_pinned.clear()
         self._turns.clear()
         self.programs = ProgramTable(max_programs=self.config.max_programs,
                                      forget_after_s=self.config.forget_after_s)
@@ -553,5 +603,10 @@ class EngineKit:
         held = {p.program_id for p in self.programs if p.pin is not None}
         assert leased == held, f"leases {sorted(map(str, leased))} but holds {sorted(map(str, held))}"
         assert self._held == len(held) == self.table.num_leases
+        tenants: dict[str, int] = {}
+        for p in self.programs:
+            if p.pin is not None:
+                tenants[p.tenant] = tenants.get(p.tenant, 0) + p.pinned_blocks
+        assert tenants == self._tenant_pinned, f"tenant pins {tenants}, counted {self._tenant_pinned}"
         in_flight = sum(p.in_flight for p in self.programs)
         assert in_flight == len(self._turns), f"{in_flight} turns counted in flight, {len(self._turns)} known"

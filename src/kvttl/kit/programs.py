@@ -11,14 +11,16 @@ __all__ = ["Program", "ProgramTable"]
 class Program:
     """One program's record.
 
-    ``first_arrival`` is on the engine's queue clock (what the engine stamps
-    its requests with), so program-FCFS keys compare with request keys; every
-    duration is on the kit's clock. ``pin`` is the engine's handle for the
+    ``program_id`` is the program's key (``TurnHints.key``: the client's id
+    within its tenant). ``first_arrival`` is on the engine's queue clock (what
+    the engine stamps its requests with), so program-FCFS keys compare with
+    request keys; it moves later by every dormant stretch (see
+    ``EngineKit.arrived``). Every duration is on the kit's clock. ``pin`` is the engine's handle for the
     program's live lease (what ``EngineHooks.pin`` returned), None without one.
     """
 
     __slots__ = ("program_id", "first_arrival", "num_turns", "finished_at", "tool", "context_tokens",
-                 "attained_s", "pin", "in_flight", "last_seen")
+                 "attained_s", "pin", "in_flight", "last_seen", "tenant", "pinned_blocks")
 
     def __init__(self, program_id: Hashable, first_arrival: float, now: float):
         self.program_id = program_id
@@ -31,6 +33,8 @@ class Program:
         self.pin = None
         self.in_flight = 0  # turns arrived and not yet finished
         self.last_seen = now
+        self.tenant = ""  # the cache-isolation key its requests carry (program_id is scoped by it)
+        self.pinned_blocks = 0  # blocks its live lease pins
 
     @property
     def idle(self) -> bool:

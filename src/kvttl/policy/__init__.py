@@ -11,7 +11,7 @@ and below.
 """
 
 from kvttl.policy.estimator import DurationCDF, SlidingMean, ToolDurationEstimator, TurnCorrelation
-from kvttl.policy.hints import MAX_TTL_S, TurnHints, parse_ttl, parse_turn_hints, tool_from_output
+from kvttl.policy.hints import MAX_TTL_S, TurnHints, parse_ttl, parse_turn_hints, program_key, tool_from_output
 from kvttl.policy.order import (
     QUEUE_ORDERS,
     QueueEntry,
@@ -42,7 +42,7 @@ from kvttl.policy.ttl import (
 
 __all__ = [
     "DurationCDF", "SlidingMean", "ToolDurationEstimator", "TurnCorrelation",
-    "MAX_TTL_S", "TurnHints", "parse_ttl", "parse_turn_hints", "tool_from_output",
+    "MAX_TTL_S", "TurnHints", "parse_ttl", "parse_turn_hints", "program_key", "tool_from_output",
     "QUEUE_ORDERS", "QueueEntry", "latest_program_first", "least_attained_service",
     "program_fcfs", "request_fcfs",
     "DEFAULT_POLICIES", "OFFLOAD_MODES", "InferCeptTTL", "SchedulingPolicy", "get_policy",

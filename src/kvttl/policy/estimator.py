@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import deque
+from collections import OrderedDict, deque
 
 import numpy as np
 
@@ -81,12 +81,18 @@ class ToolDurationEstimator:
 
     Memory is bounded: each tool, and the global pool, keep a sliding window
     of the last ``window`` durations, so the estimate also follows drift.
+    Tool names come from clients, so the per-tool windows are also bounded
+    in number (``max_tools``) and in samples held in all (``max_samples``):
+    past either, the tool returned least recently is forgotten. Why least
+    recently returned: a flood of made-up names then pushes out only names
+    that stopped returning, and a real tool that keeps returning keeps its
+    window (where a first-come rule would fold every later tool into one).
     The prior's CDF is represented by ``prior_points`` of its quantiles, so
     every stage hands the TTL rule the same kind of object.
     """
 
     def __init__(self, *, min_samples: int = 100, window: int = 1024, prior_mean_s: float = 1.0,
-                 prior_points: int = 64, max_tools: int = 4096):
+                 prior_points: int = 64, max_tools: int = 4096, max_samples: int = 262144):
         if min_samples < 1 or window < min_samples:
             raise BadArgumentError(f"need 1 <= min_samples <= window, got {min_samples} and {window}")
         if not (prior_mean_s > 0 and math.isfinite(prior_mean_s)):
@@ -95,7 +101,9 @@ class ToolDurationEstimator:
         self.window = window
         self.max_tools = max_tools
         self._global = _Window(window)
-        self._tools: dict[str, _Window] = {}
+        self.max_samples = max(max_samples, window)
+        self._tools: OrderedDict[str, _Window] = OrderedDict()  # least recently returned first
+        self._tool_samples = 0  # samples held in all per-tool windows
         self.num_observed = 0
         self._prior_points = prior_points
         self._prior = self._exponential(prior_mean_s)
@@ -126,12 +134,15 @@ class ToolDurationEstimator:
         tool = tool or ""
         win = self._tools.get(tool)
         if win is None:
-            if len(self._tools) >= self.max_tools:  # bounded: unknown tool names fold into ""
-                tool = ""
-                win = self._tools.setdefault("", _Window(self.window))
-            else:
-                win = self._tools[tool] = _Window(self.window)
+            win = self._tools[tool] = _Window(self.window)
+        else:
+            self._tools.move_to_end(tool)
+        held = len(win)
         win.add(float(duration_s))
+        self._tool_samples += len(win) - held
+        while len(self._tools) > self.max_tools or self._tool_samples > self.max_samples:
+            _, gone = self._tools.popitem(last=False)  # never the tool just seen: it is last
+            self._tool_samples -= len(gone)
         self._global.add(float(duration_s))
         self.num_observed += 1
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -21,7 +22,7 @@ import attrs
 
 from kvttl.errors import BadArgumentError
 
-__all__ = ["parse_ttl", "MAX_TTL_S", "TurnHints", "parse_turn_hints", "tool_from_output"]
+__all__ = ["parse_ttl", "MAX_TTL_S", "TurnHints", "parse_turn_hints", "program_key", "tool_from_output"]
 
 #: The longest pin a hint may ask for. Longer asks are refused, not clamped:
 #: a client that asks for a day has a bug worth hearing about.
@@ -57,21 +58,57 @@ def parse_ttl(hint: str | int | float) -> float:
     return seconds
 
 
+#: Byte caps on client-chosen names: every table that holds them stays small.
+MAX_PROGRAM_ID_BYTES = 256
+MAX_TOOL_BYTES = 128
+#: A tenant longer than this is keyed by its digest.
+MAX_TENANT_BYTES = 128
+
+
+def program_key(program_id: str | int, tenant: str = "") -> str | int:
+    """The key a program is known by inside kvttl (its lease owner): the
+    client's ``program_id`` within ``tenant``.
+
+    Program ids are names a client picks, so two tenants may pick the same
+    one; the tenant -- the engine's own cache-isolation key (vLLM's
+    ``cache_salt`` and LoRA, SGLang's ``extra_key`` and ``cache_salt``) --
+    keeps them apart. Without a tenant the key is the id itself. With one it
+    is ``"\\0<tenant>\\0<s|i><id>"``: program ids hold no control characters,
+    so no client id can spell another tenant's key, and a tenant that could
+    be confused (a NUL, a leading "#", not UTF-8, over MAX_TENANT_BYTES) is
+    replaced by "#" and its digest."""
+    if not tenant:
+        return program_id
+    try:
+        raw = tenant.encode("utf-8")
+        plain = len(raw) <= MAX_TENANT_BYTES and "\0" not in tenant and not tenant.startswith("#")
+    except UnicodeEncodeError:
+        raw, plain = tenant.encode("utf-8", "surrogatepass"), False
+    scope = tenant if plain else "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
+    return f"\0{scope}\0{'i' if isinstance(program_id, int) else 's'}{program_id}"
+
+
 @attrs.frozen
 class TurnHints:
     """One request's program hints, validated. ``warnings`` lists the hints
-    that were dropped (a bad TTL never fails the request: it is ignored)."""
+    that were dropped (a bad TTL never fails the request: it is ignored).
+    ``tenant`` is the engine's cache-isolation key for the request, set by
+    the adapter, never by the client's hints; ``key`` is the program's
+    key inside kvttl (:func:`program_key`)."""
 
     program_id: str | int
     tool: str = ""
     last_turn: bool = False
     ttl_s: float | None = None
     warnings: tuple[str, ...] = ()
+    tenant: str = ""
+
+    @property
+    def key(self) -> str | int:
+        return program_key(self.program_id, self.tenant)
 
 
-#: Byte caps on client-chosen names: every table that holds them stays small.
-MAX_PROGRAM_ID_BYTES = 256
-MAX_TOOL_BYTES = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _utf8_len(text: str) -> float:
@@ -88,11 +125,12 @@ def _truthy(value) -> bool:
     return bool(value)
 
 
-def parse_turn_hints(payload: Mapping | None) -> TurnHints | None:
+def parse_turn_hints(payload: Mapping | None, *, tenant: str = "") -> TurnHints | None:
     """TurnHints from a mapping with ``program_id`` (str or 64-bit int),
     optional ``tool``, ``last_turn`` and ``ttl``. None when there is no
     program id: the request takes the engine's normal path. Raises
-    BadArgumentError naming the field when the program id itself is unusable."""
+    BadArgumentError naming the field when the program id itself is unusable.
+    ``tenant``: the request's cache-isolation key (see :func:`program_key`)."""
     if payload is None:
         return None
     if not isinstance(payload, Mapping):
@@ -109,6 +147,8 @@ def parse_turn_hints(payload: Mapping | None) -> TurnHints | None:
     if isinstance(program, str) and _utf8_len(program) > MAX_PROGRAM_ID_BYTES:
         raise BadArgumentError(f"program_id must be valid UTF-8 of at most {MAX_PROGRAM_ID_BYTES} bytes, "
                                f"got {program[:32]!r}... ({len(program)} characters)")
+    if isinstance(program, str) and _CONTROL.search(program):
+        raise BadArgumentError(f"program_id must not hold control characters, got {program[:32]!r}")
     warnings = []
     ttl = None
     if payload.get("ttl") is not None:
@@ -124,7 +164,7 @@ def parse_turn_hints(payload: Mapping | None) -> TurnHints | None:
         warnings.append(f"tool ignored: must be valid UTF-8 of at most {MAX_TOOL_BYTES} bytes")
         tool = None
     return TurnHints(program_id=program, tool=tool or "", last_turn=_truthy(payload.get("last_turn", False)),
-                     ttl_s=ttl, warnings=tuple(warnings))
+                     ttl_s=ttl, warnings=tuple(warnings), tenant=str(tenant) if tenant else "")
 
 
 _BASH_BLOCK = re.compile(r"```(?:bash|sh|shell)[ \t]*\n(.*?)```", re.DOTALL)

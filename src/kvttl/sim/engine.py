@@ -197,7 +197,8 @@ class Simulator:
         if kit_config is None:  # replayed programs always end with a last turn: none is forgotten
             # and the policy's queue order is compared as it is (no queue-jump bound)
             kit_config = KitConfig(pinned_share_cap=config.pinned_share_cap, forget_after_s=math.inf,
-                                   max_programs=max(len(programs), 1), max_queue_jump_prefills=None)
+                                   max_programs=max(len(programs), 1), max_queue_jump_prefills=None,
+                                   max_ttl_s=math.inf)
         self.kit = EngineKit(_Hooks(self), num_blocks=self.num_blocks, block_size=bs, config=kit_config,
                              policy=policy, pool=self.pool, clock=lambda: self.now,
                              has_host_tier=self.host is not None, reload=self.reload)

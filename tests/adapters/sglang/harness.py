@@ -83,10 +83,11 @@ def make_cache(kind: str = "kvttl", *, tokens: int = 256, rows: int = 8, clock=N
 class Turn:
     """One request in flight: admitted (matched, locked, allocated), not yet finished."""
 
-    def __init__(self, cache, prompt, n_out, *, hints=None):
+    def __init__(self, cache, prompt, n_out, *, hints=None, cache_salt=None):
         self.cache = cache
         self.req = Req(f"r{next(_rids)}", "", array("q", prompt), SamplingParams(max_new_tokens=n_out),
-                       kv_hints=decode_kv_hints_envelope(hints) if hints is not None else None)
+                       kv_hints=decode_kv_hints_envelope(hints) if hints is not None else None,
+                       cache_salt=cache_salt)
         self.n_out = n_out
         # the scheduler stamps a request when it enters the waiting queue
         self.req.time_stats.wait_queue_entry_time = float(next(_queue_stamps))
