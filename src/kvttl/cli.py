@@ -12,8 +12,14 @@ from kvttl.errors import KvttlError
 
 def _simulate(args) -> int:
     from kvttl.policy import DEFAULT_POLICIES
-    from kvttl.sim.runner import SweepConfig, format_tables, parse_floats, parse_names, run_sweep, write_json, write_plot
+    from kvttl.sim.runner import (SweepConfig, check_output_path, check_plot_available, format_tables, parse_floats,
+                                  parse_names, run_sweep, write_json, write_plot)
 
+    if args.json:
+        check_output_path(args.json, "--json")
+    if args.plot:
+        check_plot_available()
+        check_output_path(args.plot, "--plot")
     cfg = SweepConfig(
         workload=args.workload, trace=args.trace, preset=args.preset,
         policies=parse_names(args.policies) if args.policies else tuple(DEFAULT_POLICIES),
@@ -22,7 +28,8 @@ def _simulate(args) -> int:
         num_gpu_blocks=args.gpu_blocks, workers=args.workers,
     )
     t0 = time.perf_counter()
-    report = run_sweep(cfg, progress=not args.quiet and sys.stderr.isatty())
+    progress = False if args.quiet else ("bar" if sys.stderr.isatty() else "lines")
+    report = run_sweep(cfg, progress=progress)
     report["config"]["wall_s"] = round(time.perf_counter() - t0, 2)
     print(format_tables(report))
     print(f"\n{len(report['results'])} runs in {report['config']['wall_s']:.1f} s")
@@ -65,7 +72,8 @@ def main(argv=None) -> int:
     sim.add_argument("--workers", type=int, default=0, help="processes (default: min(2, cores))")
     sim.add_argument("--json", help="write results as JSON here")
     sim.add_argument("--plot", help="write a PNG: mean JCT against load, JCT CDF at the highest load")
-    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.add_argument("--quiet", action="store_true",
+                     help="no progress (a bar on a terminal, else a line per finished run on stderr)")
     sim.set_defaults(func=_simulate)
     info = sub.add_parser("info", help="what this installation was built with, and what it knows")
     info.set_defaults(func=_info)

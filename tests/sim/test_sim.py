@@ -170,7 +170,7 @@ def test_mooncake_import_uses_its_timestamps():
 @pytest.mark.parametrize("lines, words", [
     (["not json"], ["not JSON"]),
     (['{"foo": 1}'], ["neither a TraceLab round nor a Mooncake row"]),
-    (['{"input_length": -5, "output_length": 3}'], ["'input_length' must be a non-negative number"]),
+    (['{"input_length": -5, "output_length": 3}'], ["'input_length' must be a finite number >= 0"]),
     (['{"input_length": 5}'], ["missing 'output_length'"]),
     (['{"input_length": 5, "output_length": 3}', '{"newly_append_tokens": 5, "output_tokens": 3}'], ["mixes"]),
     (['[1, 2]'], ["JSON object"]),
@@ -312,11 +312,76 @@ def test_simulate_cli_on_a_trace(tmp_path, capsys):
     (["--jps", "-1"], ["positive"]),
     (["--preset", "tpu"], ["unknown preset"]),
     (["--workload", "chat"], ["unknown workload"]),
-    (["--programs", "0"], ["at least one program"]),
+    (["--programs", "0"], ["programs must be between 1"]),
     (["--host-gb", "-2"], [">= 0 GB"]),
+    # issue #12: each of these was a traceback, or found only after the sweep
+    (["--host-gb", "nan"], ["host tier", "nan"]),
+    (["--seed", "-1"], ["seed", "-1"]),
+    (["--policies", "vllm,vllm"], ["vllm given more than once"]),
+    (["--gpu-blocks", "0"], ["gpu blocks must be >= 1", "got 0"]),
+    (["--gpu-blocks", "-5"], ["gpu blocks must be >= 1", "got -5"]),
+    (["--json", "/nonexistent-dir/r.json"], ["--json", "does not exist"]),
+    (["--plot", "/nonexistent-dir/r.png"], ["--plot", "does not exist"]),
 ])
 def test_simulate_cli_errors(capsys, args, words):
     assert main(["simulate", "--quiet", *args]) == 2
     err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kvttl simulate: error: "), err
     for w in words:
         assert w in err
+
+
+_BAD_FILES = {
+    "shape.json": (b'{"turns_shape": 0}', "turns_shape must be > 0"),
+    "weights.json": (b'{"tools": [{"name": "a", "weight": 0, "median_s": 1, "sigma": 0.5}]}', "every tool has weight 0"),
+    "array.json": (b"[1, 2]", "expected an object of fields"),
+    "tools.json": (b'{"tools": [3]}', "tools must be a list of tables"),
+    "nan.json": (b'{"mean_turns": NaN}', "mean_turns must be a finite number"),
+    "runaway.json": (b'{"tools": [{"name": "slow", "weight": 1, "median_s": 80000, "sigma": 5}]}',
+                     "ran past 1e+07 simulated seconds"),
+    "nan.jsonl": (b'{"session_id": "s", "input_length": NaN, "output_length": 5}\n', "'input_length' must be a finite"),
+    "text.jsonl": (b'{"session_id": "s", "input_length": "12", "output_length": 5}\n', "got '12'"),
+    "digits.jsonl": (b'{"session_id": "s", "input_length": 1' + b"0" * 400 + b', "output_length": 5}\n',
+                     "got 1000000000"),
+    "tool.jsonl": (b'{"session_id": "s", "input_length": 9, "output_length": 5, "tool": {"a": 1}}\n',
+                   "a tool name must be a string"),
+    "latin1.jsonl": (b'\xff{"session_id": "s"}\n', "not UTF-8"),
+    "tools.jsonl": (b'{"session_id": "s", "newly_append_tokens": 9, "output_tokens": 5, "tools": [7]}\n',
+                    "each of 'tools' must be an object"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_FILES))
+def test_simulate_cli_bad_files_give_one_error_line(tmp_path, capsys, name):
+    content, words = _BAD_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    flag = "--trace" if name.endswith(".jsonl") else "--workload"
+    extra = ["--programs", "4", "--jps", "0.1", "--policies", "vllm"] if name == "runaway.json" else []
+    assert main(["simulate", "--quiet", "--workers", "1", flag, str(path), "--jps", "1", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kvttl simulate: error: ") and words in err, err
+
+
+def test_simulate_cli_plot_without_matplotlib_fails_before_the_sweep(capsys, monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kw):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    import kvttl.sim.runner as runner
+
+    monkeypatch.setattr(runner, "_run_one", lambda task: pytest.fail("a run started before the check"))
+    assert main(["simulate", "--quiet", "--plot", str(tmp_path / "r.png")]) == 2
+    assert "pip install 'kvttl[plot]'" in capsys.readouterr().err
+
+
+def test_simulate_cli_prints_a_line_per_run_when_piped(capsys):
+    assert main(["simulate", "--programs", "3", "--jps", "0.2", "--policies", "vllm,continuum", "--workers", "1"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(lines) == 2 and lines[0].startswith("[1/2] vllm at 0.2 jobs/s: mean JCT ") and lines[1].startswith("[2/2]")

@@ -493,7 +493,9 @@ class Simulator:
             if self.now >= t_end:
                 return
             if self.now > self.max_sim_s:
-                raise RuntimeError(f"simulation ran past {self.max_sim_s} s: the engine is not making progress")
+                raise BadArgumentError(f"the simulation ran past {self.max_sim_s:g} simulated seconds and was "
+                                       "stopped: this workload does not finish at this load (fewer programs, "
+                                       "a lower load or shorter tools will)")
 
             # Running requests first: each decode needs room for its next token;
             # if there is none even after revoking leases, the latest admitted

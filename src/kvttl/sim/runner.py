@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
+
 import attrs
 import numpy as np
 
@@ -18,6 +20,8 @@ __all__ = ["SweepConfig", "run_sweep", "format_tables", "write_plot", "write_jso
 
 #: Loads from light to saturated for the 8B / H100 preset (jobs per second).
 DEFAULT_JPS = {"swe-bench": (0.05, 0.1, 0.2, 0.4), "bfcl": (0.5, 1.0, 2.0, 4.0)}
+#: The most programs one run may replay (memory grows with them).
+MAX_PROGRAMS = 1_000_000
 #: Programs grouped by their number of turns, for the gain-vs-turns table.
 TURN_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, 50))
 
@@ -41,21 +45,33 @@ class SweepConfig:
         return DEFAULT_JPS.get(self.workload, DEFAULT_JPS["swe-bench"])
 
     def validate(self) -> None:
-        """Fails fast, before any worker starts, on anything malformed."""
+        """Fails fast, before any worker starts, on anything malformed: the
+        flags, the preset, the workload spec and every row of a trace."""
         get_preset(self.preset)
-        if self.trace is None:
-            get_workload(self.workload)
-        for name in self.policies:
-            get_policy(name)
         if not self.policies:
             raise BadArgumentError("no policies to compare")
+        for name in self.policies:
+            get_policy(name)
+        twice = sorted({name for name in self.policies if self.policies.count(name) > 1})
+        if twice:
+            raise BadArgumentError(f"policies: {', '.join(twice)} given more than once")
         for x in self.loads():
             if not (x > 0 and np.isfinite(x)):
                 raise BadArgumentError(f"loads must be positive jobs per second, got {x!r}")
-        if self.num_programs < 1:
-            raise BadArgumentError(f"need at least one program, got {self.num_programs}")
-        if self.host_tier_gb < 0:
-            raise BadArgumentError(f"host tier size must be >= 0 GB, got {self.host_tier_gb}")
+        if not 1 <= self.num_programs <= MAX_PROGRAMS:
+            raise BadArgumentError(f"programs must be between 1 and {MAX_PROGRAMS}, got {self.num_programs}")
+        if not 0 <= self.seed < 2**63:
+            raise BadArgumentError(f"seed must be an integer in [0, 2**63), got {self.seed}")
+        if not (self.host_tier_gb >= 0 and np.isfinite(self.host_tier_gb)):
+            raise BadArgumentError(f"host tier size must be a finite number >= 0 GB, got {self.host_tier_gb}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise BadArgumentError(f"gpu blocks must be >= 1 (leave it out for the preset's), got {self.num_gpu_blocks}")
+        if self.workers < 0:
+            raise BadArgumentError(f"workers must be >= 0 (0: min(2, cores)), got {self.workers}")
+        if self.trace is None:
+            get_workload(self.workload)
+        else:
+            load_trace(self.trace, jps=self.loads()[0], seed=self.seed, max_programs=self.num_programs)
 
 
 def _programs(cfg: SweepConfig, jps: float):
@@ -78,28 +94,35 @@ def _run_one(args) -> dict:
     return summary
 
 
-def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> dict:
-    """Every policy at every load; returns ``{"results": [...], "by_turns": [...], "config": {...}}``."""
+def run_sweep(cfg: SweepConfig, *, progress: bool | str = True) -> dict:
+    """Every policy at every load; returns ``{"results": [...], "by_turns": [...], "config": {...}}``.
+    ``progress``: True or "bar" draws a bar; "lines" prints a line per
+    finished run to stderr (for a log or a pipe); False is silent."""
     cfg.validate()
     tasks = [(cfg, p, j) for j in cfg.loads() for p in cfg.policies]
     workers = cfg.workers or min(2, os.cpu_count() or 1)
     bar = None
-    if progress:
+    if progress is True or progress == "bar":
         from tqdm import tqdm
 
         bar = tqdm(total=len(tasks), desc="simulating", unit="run", leave=False)
     rows = []
+
+    def done(row):
+        rows.append(row)
+        if bar:
+            bar.update()
+        elif progress == "lines":
+            print(f"[{len(rows)}/{len(tasks)}] {row['policy']} at {row['jps']:g} jobs/s: "
+                  f"mean JCT {row['mean_jct_s']:.1f} s", file=sys.stderr, flush=True)
+
     if workers > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             for row in pool.map(_run_one, tasks):
-                rows.append(row)
-                if bar:
-                    bar.update()
+                done(row)
     else:
         for t in tasks:
-            rows.append(_run_one(t))
-            if bar:
-                bar.update()
+            done(_run_one(t))
     if bar:
         bar.close()
     baseline = cfg.policies[0]
@@ -209,6 +232,24 @@ def parse_floats(text: str, what: str) -> tuple[float, ...]:
     if not values:
         raise BadArgumentError(f"{what}: expected at least one number")
     return values
+
+
+def check_output_path(path: str, what: str) -> None:
+    """Fails now, not after the sweep, when ``path`` cannot be written."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise BadArgumentError(f"{what}: {path} is a directory; give a file name")
+    if not os.path.isdir(parent):
+        raise BadArgumentError(f"{what}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise BadArgumentError(f"{what}: cannot write into {parent}")
+
+
+def check_plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BadArgumentError("--plot needs matplotlib: pip install 'kvttl[plot]'") from None
 
 
 def parse_names(text: str) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ import attrs
 import numpy as np
 
 from kvttl.errors import BadArgumentError
+from kvttl.policy import parse_ttl
 
 __all__ = [
     "Turn", "Program", "ToolSpec", "WorkloadSpec", "WORKLOADS", "get_workload", "load_workload_spec",
@@ -61,6 +62,20 @@ class ToolSpec:
     sigma: float
 
 
+#: Bounds that keep a spec's runs finite: a day's median tool call, and
+#: lognormal spreads up to e^5 (a p99 150 000x the median at sigma 5).
+MAX_TOOL_MEDIAN_S = 86400.0
+MAX_SIGMA = 5.0
+
+
+def _finite_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return value.bit_length() <= 63
+    return math.isfinite(value)
+
+
 def _lognormal(rng, median, sigma, size=None):
     return median * np.exp(sigma * rng.standard_normal(size))
 
@@ -89,10 +104,33 @@ class WorkloadSpec:
     ttl_hint: str = "5m"
 
     def __attrs_post_init__(self):
-        if not self.tools or any(t.weight < 0 or t.median_s < 0 or t.sigma < 0 for t in self.tools):
-            raise BadArgumentError(f"workload {self.name!r}: needs tools with weight, median_s, sigma >= 0")
+        where = f"workload {self.name!r}"
+        for f in attrs.fields(WorkloadSpec):
+            value = getattr(self, f.name)
+            if f.name in ("name", "tools", "ttl_hint"):
+                continue
+            if not _finite_number(value) or value < 0:
+                raise BadArgumentError(f"{where}: {f.name} must be a finite number >= 0, got {value!r}")
+        if not (self.turns_shape > 0):
+            raise BadArgumentError(f"{where}: turns_shape must be > 0, got {self.turns_shape!r}")
         if not (1 <= self.mean_turns <= self.max_turns):
-            raise BadArgumentError(f"workload {self.name!r}: need 1 <= mean_turns <= max_turns")
+            raise BadArgumentError(f"{where}: need 1 <= mean_turns <= max_turns")
+        if self.max_context_tokens < 1 or self.ttl_hint_share > 1:
+            raise BadArgumentError(f"{where}: need max_context_tokens >= 1 and ttl_hint_share <= 1")
+        if not isinstance(self.tools, tuple) or not self.tools:
+            raise BadArgumentError(f"{where}: needs at least one tool")
+        for tool in self.tools:
+            if not isinstance(tool.name, str) or not tool.name:
+                raise BadArgumentError(f"{where}: a tool's name must be a non-empty string, got {tool.name!r}")
+            for key, high in (("weight", math.inf), ("median_s", MAX_TOOL_MEDIAN_S), ("sigma", MAX_SIGMA)):
+                value = getattr(tool, key)
+                if not _finite_number(value) or not 0 <= value <= high:
+                    raise BadArgumentError(f"{where}: tool {tool.name!r}: {key} must be a number in [0, {high:g}], "
+                                           f"got {value!r}")
+        if sum(t.weight for t in self.tools) <= 0:
+            raise BadArgumentError(f"{where}: every tool has weight 0; give at least one a weight > 0")
+        if self.ttl_hint_share > 0:
+            parse_ttl(self.ttl_hint)
 
 
 # SWE-bench with mini-swe-agent (DESIGN.md §4): 10.9 turns on average, step cap 50,
@@ -190,9 +228,12 @@ def load_workload_spec(path: str | Path) -> WorkloadSpec:
     path = Path(path)
     try:
         raw = _read_spec_file(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # UnicodeDecodeError included
         raise BadArgumentError(f"workload spec {path}: {e}") from None
-    base = WORKLOADS.get(raw.pop("base", "swe-bench"))
+    if not isinstance(raw, dict):
+        raise BadArgumentError(f"workload spec {path}: expected an object of fields, got {type(raw).__name__}")
+    base = raw.pop("base", "swe-bench")
+    base = WORKLOADS.get(base) if isinstance(base, str) else None
     if base is None:
         raise BadArgumentError(f"workload spec {path}: base must be one of {', '.join(WORKLOADS)}")
     fields = {f.name for f in attrs.fields(WorkloadSpec)}
@@ -200,8 +241,12 @@ def load_workload_spec(path: str | Path) -> WorkloadSpec:
     if unknown:
         raise BadArgumentError(f"workload spec {path}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
     if "tools" in raw:
+        tools = raw["tools"]
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise BadArgumentError(f"workload spec {path}: tools must be a list of tables "
+                                   "with name, weight, median_s and sigma")
         try:
-            raw["tools"] = tuple(ToolSpec(**t) for t in raw["tools"])
+            raw["tools"] = tuple(ToolSpec(**t) for t in tools)
         except TypeError as e:
             raise BadArgumentError(f"workload spec {path}: tools: {e}") from None
     raw.setdefault("name", path.stem)
@@ -222,9 +267,12 @@ def get_workload(name_or_path: str) -> WorkloadSpec:
 # ---- trace importers ------------------------------------------------------------
 
 def _rows(path: Path) -> Iterable[tuple[int, dict]]:
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise BadArgumentError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
             if not line:
                 continue
             try:
@@ -237,12 +285,27 @@ def _rows(path: Path) -> Iterable[tuple[int, dict]]:
 
 
 def _count(row, key, path, lineno, default=None):
-    value = row.get(key, default)
+    value = row.get(key)
+    if value is None:
+        value = default
     if value is None:
         raise BadArgumentError(f"{path}:{lineno}: missing {key!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
-        raise BadArgumentError(f"{path}:{lineno}: {key!r} must be a non-negative number, got {value!r}")
+    if not _finite_number(value) or value < 0:
+        raise BadArgumentError(f"{path}:{lineno}: {key!r} must be a finite number >= 0, got {_short(value)}")
     return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _tool_name(value, path, lineno) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadArgumentError(f"{path}:{lineno}: a tool name must be a string, got {_short(value)}")
+    return value[:128]
 
 
 def _tracelab_turn(row, path, lineno):
@@ -259,11 +322,11 @@ def _tracelab_turn(row, path, lineno):
         raise BadArgumentError(f"{path}:{lineno}: 'tools' must be a list")
     wait_ms, name = 0.0, None
     for t in tools:
-        latency = t.get("tool_internal_latency_ms")
-        if latency is None:
-            latency = t.get("tool_wall_latency_ms") or 0.0
-        wait_ms += max(0.0, float(latency))
-        name = name or str(t.get("tool_name") or "tool")
+        if not isinstance(t, dict):
+            raise BadArgumentError(f"{path}:{lineno}: each of 'tools' must be an object, got {_short(t)}")
+        key = "tool_internal_latency_ms" if t.get("tool_internal_latency_ms") is not None else "tool_wall_latency_ms"
+        wait_ms += _count(t, key, path, lineno, 0.0)
+        name = name or _tool_name(t.get("tool_name"), path, lineno) or "tool"
     return max(1, int(prompt)), out, name, wait_ms / 1000.0
 
 
@@ -272,10 +335,8 @@ def _mooncake_turn(row, path, lineno):
     session is ``tool_wait_ms`` (or ``delay``) on this row."""
     prompt = int(_count(row, "input_length", path, lineno))
     out = max(1, int(_count(row, "output_length", path, lineno)))
-    wait = row.get("tool_wait_ms", row.get("delay", 0)) or 0
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
-        raise BadArgumentError(f"{path}:{lineno}: tool_wait_ms/delay must be >= 0 ms, got {wait!r}")
-    return max(1, prompt), out, row.get("tool") or "tool", float(wait) / 1000.0
+    wait = _count(row, "tool_wait_ms" if "tool_wait_ms" in row else "delay", path, lineno, 0)
+    return max(1, prompt), out, _tool_name(row.get("tool"), path, lineno) or "tool", float(wait) / 1000.0
 
 
 def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
@@ -300,7 +361,10 @@ def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
         kind = kind or this
         if this != kind:
             raise BadArgumentError(f"{path}:{lineno}: mixes {this} rows into a {kind} trace")
-        sid = str(row.get("session_id", f"row{lineno}"))
+        sid = row.get("session_id", f"row{lineno}")
+        if not isinstance(sid, (str, int)) or isinstance(sid, bool):
+            raise BadArgumentError(f"{path}:{lineno}: session_id must be a string or an integer, got {_short(sid)}")
+        sid = str(sid)
         parse = _tracelab_turn if kind == "tracelab" else _mooncake_turn
         sessions.setdefault(sid, []).append(parse(row, path, lineno))
         if kind == "mooncake" and sid not in first_ts and "timestamp" in row:
