@@ -7,7 +7,10 @@ Measures, as the median over --repeats runs of each loop:
     is importable -- vLLM's own BlockPool on the same operation mix, in the
     same process, interleaved run by run so that machine noise hits both;
   - add_ref + drop_ref of a 64-block batch (a prefix hit and its release);
-  - lease grant + release (ns per lease, 16 and 1024 blocks per lease);
+  - lease grant + release (ns per lease, 16 and 1024 blocks per lease),
+    side by side with a pure-Python lease table (a dict, a heapq of
+    deadlines and a reference count per block: the least the same work
+    takes; it checks nothing, where kvttl validates every id);
   - expire (ns per expired lease) with 1e3 / 1e5 / 1e6 live leases, each call
     expiring about 1% of them.
 """
@@ -15,6 +18,7 @@ Measures, as the median over --repeats runs of each loop:
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import platform
 import statistics
@@ -104,6 +108,51 @@ def lease_grant_release(iters, blocks_per_lease):
     return time.perf_counter_ns() - t0
 
 
+class PythonLeaseTable:
+    """The least a lease table must do, in Python: one more reference per
+    block on grant and one fewer on release, owner -> lease in a dict, the
+    deadline in a heapq. No validation, no cap: a floor for "write it yourself"."""
+
+    def __init__(self, num_blocks):
+        self.refs = [1] * num_blocks
+        self.leases = {}
+        self.heap = []
+        self.next_id = 1
+
+    def grant(self, owner, blocks, ttl, now):
+        refs = self.refs
+        for b in blocks:
+            refs[b] += 1
+        if owner in self.leases:
+            self.release(owner)
+        lease_id, self.next_id = self.next_id, self.next_id + 1
+        self.leases[owner] = (lease_id, blocks, now + ttl)
+        heapq.heappush(self.heap, (now + ttl, lease_id, owner))
+        if len(self.heap) > 2 * len(self.leases) + 1024:  # lazy deletion, kept bounded as kvttl's heap is
+            self.heap = [e for e in self.heap if self.leases.get(e[2], (0,))[0] == e[1]]
+            heapq.heapify(self.heap)
+        return lease_id
+
+    def release(self, owner):
+        lease = self.leases.pop(owner, None)
+        if lease is not None:
+            refs = self.refs
+            for b in lease[1]:
+                refs[b] -= 1
+        return lease
+
+
+def python_grant_release(iters, blocks_per_lease):
+    table = PythonLeaseTable(blocks_per_lease + 1)
+    ids = list(range(blocks_per_lease))
+    grant, release = table.grant, table.release
+    t0 = time.perf_counter_ns()
+    for i in range(iters):
+        grant(i, ids, 30.0, 0.0)
+        release(i)
+    return time.perf_counter_ns() - t0
+
+
 def expire_cost(num_leases, rng):
     """ns per expired lease with num_leases live, expiring ~1% per call."""
     pool = kvttl.BlockPool(num_leases)
@@ -156,8 +205,13 @@ def main(argv=None):
     lease_iters = max(1000, args.iters // 2)
     for blocks in (16, 1024):
         iters = lease_iters if blocks == 16 else max(200, lease_iters // 20)
-        out[f"lease_grant_release_ns_{blocks}_blocks"] = med(
-            [lease_grant_release(iters, blocks) / iters for _ in range(args.repeats)])
+        ours, python = [], []
+        for _ in range(args.repeats):  # interleaved, so noise hits both
+            ours.append(lease_grant_release(iters, blocks) / iters)
+            python.append(python_grant_release(iters, blocks) / iters)
+        out[f"lease_grant_release_ns_{blocks}_blocks"] = med(ours)
+        out[f"python_lease_grant_release_ns_{blocks}_blocks"] = med(python)
+        out[f"lease_speedup_vs_python_{blocks}_blocks"] = med([p / k for p, k in zip(python, ours)])
     out["lease_grant_release_ns"] = out["lease_grant_release_ns_16_blocks"]
     sizes = [n for n in (1000, 100_000, 1_000_000) if n <= args.max_leases]
     for n in sizes:

@@ -204,7 +204,9 @@ class LeaseTable:
     Every method is atomic with respect to the pool and the table.
     """
 
-    __slots__ = ("_native", "_pool", "_target", "_clock")
+    # _grant/_release: the native methods, bound once (the per-lease path is
+    # a few hundred nanoseconds; attribute lookups are a visible share of it).
+    __slots__ = ("_native", "_pool", "_target", "_clock", "_grant", "_release")
 
     def __init__(
         self,
@@ -238,6 +240,7 @@ class LeaseTable:
         if not callable(clock):
             raise BadArgumentError(f"clock must be callable, got {type(clock).__name__}")
         self._native = _core.LeaseTable(target, pinned_share_cap)
+        self._grant, self._release = self._native.grant, self._native.release
         self._target = target
         self._pool = pool
         self._clock = clock
@@ -281,9 +284,7 @@ class LeaseTable:
         must be cached or referenced. Returns a GrantResult: ``granted`` False (with a
         ``reason``) when the pinned-share cap would be exceeded, in which case
         nothing changed -- an existing lease of the owner stays."""
-        return self._native.grant(
-            owner, blocks, self._clock() if now is None else now, ttl, tool, num_tokens, priority
-        )
+        return self._grant(owner, blocks, self._clock() if now is None else now, ttl, tool, num_tokens, priority)
 
     def release(self, owner: Owner, *, lease_id: int | None = None) -> LeaseInfo | None:
         """Drops the owner's lease (only lease ``lease_id``, if given).
@@ -291,10 +292,10 @@ class LeaseTable:
         replaced or never granted. Lease ids start at 1; ``lease_id=0`` (a
         refused grant's) matches no lease."""
         if lease_id is None:
-            return self._native.release(owner, 0)
+            return self._release(owner, 0)
         if isinstance(lease_id, bool) or not isinstance(lease_id, int) or not 0 <= lease_id < 2**64:
             raise BadArgumentError(f"release: lease_id must be an int in [0, 2**64), got {lease_id!r}")
-        return self._native.release(owner, lease_id) if lease_id else None
+        return self._release(owner, lease_id) if lease_id else None
 
     def expire(self, now: float | None = None) -> list[LeaseInfo]:
         """Drops every lease whose deadline is <= now, each exactly once, in
