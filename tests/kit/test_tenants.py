@@ -151,3 +151,16 @@ def test_max_ttl_and_tenant_share_are_checked_at_start():
 def test_hints_carry_the_tenant_the_engine_gives_not_one_the_client_sends():
     parsed = read_hints({"program_id": "p", "tenant": "alice"}, log=log, tenant="bob")
     assert isinstance(parsed, TurnHints) and parsed.tenant == "bob" and parsed.key == program_key("p", "bob")
+
+
+def test_aborted_requests_leave_nothing_behind():
+    """200k aborted request ids once left 200k entries in a per-request table."""
+    k, engine, _ = kit()
+    for i in range(20_000):
+        k.arrived(f"r{i}", hints(f"p{i % 7}", tenant=f"t{i % 3}"))
+        if i % 2:
+            k.admitted(f"r{i}", device_hit_tokens=0)
+        k.finished(f"r{i}", blocks=[1], num_tokens=20, free_blocks=20, aborted=True)
+    assert k.num_turns_in_flight == 0 and len(k.programs) == 0 and k.num_leases == 0
+    assert not engine.held
+    k.check_invariants()
