@@ -164,3 +164,28 @@ def test_aborted_requests_leave_nothing_behind():
     assert k.num_turns_in_flight == 0 and len(k.programs) == 0 and k.num_leases == 0
     assert not engine.held
     k.check_invariants()
+
+
+def test_bad_hint_warnings_are_rate_limited(caplog):
+    """A client that sends garbage on every request must not flood the log."""
+    from kvttl.kit import WarningBudget
+
+    clock = [0.0]
+    budget = WarningBudget(burst=3, per_s=60.0, clock=lambda: clock[0])
+    with caplog.at_level(logging.WARNING, logger="test"):
+        for i in range(1000):
+            budget.warn(log, "bad hint %d", i)
+        assert [r.getMessage() for r in caplog.records] == ["bad hint 0", "bad hint 1", "bad hint 2"]
+        clock[0] = 61.0
+        budget.warn(log, "bad hint %d", 1000)
+    assert [r.getMessage() for r in caplog.records][-2:] == [
+        "kvttl: 997 more hint warnings were suppressed in the last 60 s", "bad hint 1000"]
+
+
+def test_read_hints_warns_through_the_budget(caplog):
+    from kvttl.kit import HINT_WARNINGS
+
+    with caplog.at_level(logging.WARNING, logger="test"):
+        for _ in range(50):
+            read_hints({"program_id": ["x"]}, log=log)
+    assert len(caplog.records) == HINT_WARNINGS.burst

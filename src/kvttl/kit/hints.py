@@ -13,12 +13,15 @@ request takes the engine's normal path.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Mapping
 
 from kvttl.policy import TurnHints, parse_turn_hints
 
-__all__ = ["HINT_ACTION_TYPE", "HINT_ACTION_VERSION", "make_kv_hints", "payload_from_envelope", "read_hints"]
+__all__ = ["HINT_ACTION_TYPE", "HINT_ACTION_VERSION", "HINT_WARNINGS", "WarningBudget", "make_kv_hints",
+           "payload_from_envelope", "read_hints"]
 
 HINT_ACTION_TYPE = "kvttl.turn"
 HINT_ACTION_VERSION = "1"
@@ -61,10 +64,48 @@ def payload_from_envelope(envelope):
     return None
 
 
+class WarningBudget:
+    """At most ``burst`` warnings per ``per_s`` seconds on one logger; the
+    rest are counted and reported in one line when the window turns over.
+    Why: every bad hint is a warning, and a client that sends garbage on
+    every request must not flood the server's log."""
+
+    def __init__(self, burst: int = 10, per_s: float = 60.0, clock=time.monotonic):
+        self.burst, self.per_s, self.clock = burst, per_s, clock
+        self._lock = threading.Lock()
+        self._windows: dict[str, list] = {}  # logger name -> [window start, warnings in it, suppressed]
+
+    def reset(self) -> None:
+        """Forget every window (tests that count warnings start here)."""
+        with self._lock:
+            self._windows.clear()
+
+    def warn(self, log: logging.Logger, message: str, *args) -> None:
+        now = self.clock()
+        with self._lock:
+            window = self._windows.setdefault(log.name, [now, 0, 0])
+            suppressed = 0
+            if now - window[0] >= self.per_s:
+                suppressed, window[:] = window[2], [now, 0, 0]
+            window[1] += 1
+            allowed = window[1] <= self.burst
+            if not allowed:
+                window[2] += 1
+        if suppressed:
+            log.warning("kvttl: %d more hint warnings were suppressed in the last %g s", suppressed, self.per_s)
+        if allowed:
+            log.warning(message, *args)
+
+
+#: The budget read_hints warns through.
+HINT_WARNINGS = WarningBudget()
+
+
 def read_hints(payload, *, log: logging.Logger, request: object = "?",
                errors: list | None = None, tenant: str = "") -> TurnHints | None:
     """TurnHints from a payload, or None (no program id, or unusable hints).
-    Never raises: every problem is one warning on ``log`` naming the request.
+    Never raises: every problem is one warning on ``log`` naming the request
+    (rate-limited: ``HINT_WARNINGS``, 10 a minute, then a count).
     Why unusable hints were dropped is also appended to ``errors``, for the
     engine to tell the client in its response (``hint_invalid``); hints that
     were only partly ignored carry that in ``TurnHints.warnings``.
@@ -73,11 +114,11 @@ def read_hints(payload, *, log: logging.Logger, request: object = "?",
     try:
         hints = parse_turn_hints(payload, tenant=tenant)
     except Exception as e:  # client input: whatever it is, the request goes on without kvttl
-        log.warning("kvttl: ignoring the hints of request %s: %s", request, e)
+        HINT_WARNINGS.warn(log, "kvttl: ignoring the hints of request %s: %s", request, e)
         if errors is not None:
             errors.append(str(e))
         return None
     if hints is not None:
         for problem in hints.warnings:
-            log.warning("kvttl: request %s: %s", request, problem)
+            HINT_WARNINGS.warn(log, "kvttl: request %s: %s", request, problem)
     return hints
