@@ -137,6 +137,44 @@ def test_an_idle_engine_steps_once_to_expire_a_due_lease(engine):
         turn(llm, tokens(50), program_id=program, last_turn=True)
 
 
+def test_a_paused_engine_is_not_stepped_for_a_due_lease(engine):
+    """Review of #17: with the engine paused (pause_scheduler(mode="keep"),
+    sleep mode) a due lease must not make it step: the lease waits until the
+    engine resumes, then expires in the first step."""
+    llm, scheduler, pool = engine
+    core = llm.llm_engine.engine_core.engine_core
+    connector = scheduler.connector
+    expired = connector.stats["expired"]
+    out = turn(llm, tokens(300), program_id="agent-paused", tool="bash", ttl="0.3s")
+    assert out.kv_transfer_params["kvttl"]["lease_granted"]
+    core.pause_scheduler(mode="keep", clear_cache=False)
+    try:
+        time.sleep(0.4)
+        assert not connector.has_pending_push_work(), "a paused engine was asked to step for a due lease"
+    finally:
+        core.resume_scheduler()
+    assert connector.has_pending_push_work()
+    core.step()
+    assert connector.stats["expired"] == expired + 1 and not connector.holds_lease("agent-paused")
+
+
+def test_a_prefix_cache_reset_succeeds_while_leases_live(engine):
+    """Found with the test above: vLLM refuses to reset its prefix cache while
+    any block is referenced, so a live lease made reset_prefix_cache (and a
+    pause or sleep that clears caches) fail, or raise with running requests
+    preempted. A reset drops the leases first."""
+    llm, scheduler, pool = engine
+    out = turn(llm, tokens(600), program_id="agent-reset", tool="bash", ttl="60s")
+    assert out.kv_transfer_params["kvttl"]["lease_granted"]
+    assert llm.reset_prefix_cache() is True
+    assert scheduler.connector.kit.num_leases == 0 and scheduler.connector.stats["released"] >= 1
+    core = llm.llm_engine.engine_core.engine_core
+    turn(llm, tokens(600), program_id="agent-reset-2", tool="bash", ttl="60s")
+    core.pause_scheduler(mode="keep")  # clears caches by default
+    core.resume_scheduler()
+    assert scheduler.connector.kit.num_leases == 0
+
+
 def test_pins_never_stall_the_engine(engine):
     """More pinned programs than the pool can hold: each new turn needs blocks
     that leases hold, so the connector revokes (latest first) instead of the

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import queue
 import sys
+import weakref
 
 from kvttl.kit import DeadlineWaker, EngineKit, hint_report, load_config
 from kvttl.policy import tool_from_output
@@ -122,7 +123,11 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         self._host_slots_of: dict[str, list[int]] = {}  # request id -> host slots matched, until allocated
         self.byte_stats = dict.fromkeys(BYTE_COUNTERS, 0)
         self._reporter = StatsReporter()
-        self._engine_queue = _engine_input_queue() if role == KVConnectorRole.SCHEDULER else None
+        core = _engine_core() if role == KVConnectorRole.SCHEDULER else None
+        # The engine that built this connector (weakly: it owns us), to see whether it is paused.
+        self._engine = weakref.ref(core) if core is not None else None
+        queue_ = getattr(core, "input_queue", None)  # EngineCoreProc's; an in-process engine has none
+        self._engine_queue = queue_ if isinstance(queue_, queue.Queue) else None
         self._waker: DeadlineWaker | None = None  # from bind_gpu_block_pool, where there is an engine queue
         self._idle_wake = False  # the next step is one has_pending_push_work asked for
         logger.info("kvttl connector (%s): policy %s, pinned-share cap %.2f, host tier %d blocks",
@@ -158,6 +163,18 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
     # ---- scheduler side -----------------------------------------------------------
     def bind_gpu_block_pool(self, gpu_block_pool) -> None:
         self._pool = gpu_block_pool
+        # vLLM's prefix-cache reset (reset_prefix_cache, a pause or sleep that
+        # clears caches) refuses while any block is referenced, and a lease is
+        # a reference: it would fail for as long as any lease lives. A reset
+        # drops every context anyway, so the leases go first.
+        reset = gpu_block_pool.reset_prefix_cache
+
+        def reset_prefix_cache(*args, **kwargs):
+            if self.kit is not None and self.kit.num_leases:
+                self.kit.release_all()
+            return reset(*args, **kwargs)
+
+        gpu_block_pool.reset_prefix_cache = reset_prefix_cache
         sched = self._vllm_config.scheduler_config
         self.kit = EngineKit(_Hooks(self), num_blocks=gpu_block_pool.num_gpu_blocks, block_size=self._block_size,
                              config=self.config, has_host_tier=self._host is not None,
@@ -294,6 +311,8 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         a lease is due: that step expires it and copies it out. Otherwise the
         waker is set to the next deadline, so an idle server expires its
         leases on time, and ``vllm:kvttl_leases`` stays true."""
+        if self._engine_paused():
+            return False  # paused or asleep: due leases wait for the first step after it resumes
         if self._hold or self._in_flight:
             return True
         if self.kit is None:
@@ -305,6 +324,15 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         if self._waker is not None:
             self._waker.wake_at(deadline)
         return False
+
+    def _engine_paused(self) -> bool:
+        """The engine is paused (``pause_generation``) or asleep (sleep mode):
+        it must not be stepped for kvttl's sake, and its KV may be gone."""
+        core = self._engine() if self._engine is not None else None
+        try:
+            return core is not None and bool(core.is_sleeping())
+        except Exception:  # an engine half torn down: treat it as paused
+            return True
 
     def _tool_in_output(self, request) -> str:
         """The tool the turn's output calls (kvttl.policy.tool_from_output over
@@ -409,18 +437,18 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         pass
 
 
-def _engine_input_queue() -> queue.Queue | None:
-    """The input queue of the vLLM engine core process building this
-    connector, or None (an in-process engine: ``LLM``, ``EngineCore``).
-    vLLM gives a connector no handle on its engine, but builds the scheduler,
-    and the scheduler builds this connector, inside ``EngineCoreProc.__init__``,
-    after that queue exists: it is found once, on the stack."""
-    from vllm.v1.engine.core import EngineCoreProc  # loaded by now wherever there is one
+def _engine_core():
+    """The vLLM engine core building this connector (``EngineCoreProc`` in a
+    server, ``EngineCore`` in process), or None. vLLM gives a connector no
+    handle on its engine, but builds the scheduler, and the scheduler builds
+    this connector, inside ``EngineCore.__init__`` (after a process's input
+    queue exists): it is found once, on the stack."""
+    from vllm.v1.engine.core import EngineCore  # loaded by now wherever there is one
 
     frame = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
-        if isinstance(owner, EngineCoreProc) and isinstance(getattr(owner, "input_queue", None), queue.Queue):
-            return owner.input_queue
+        if isinstance(owner, EngineCore):
+            return owner
         frame = frame.f_back
     return None
