@@ -168,3 +168,10 @@ def test_a_re_prefill_never_looks_free():
         costs.observe(8, 0.05)  # slow decode steps
         costs.observe(2000, 0.01)  # a quick prefill
     assert costs.line()[1] == pytest.approx(MIN_SLOPE_SHARE / 1000.0)
+
+
+def test_the_config_is_hashable_with_tool_priors():
+    """From the #17 review: KitConfig held a dict, so it could not be hashed."""
+    a = load_config({"tool_priors_s": {"bash": 1.5, "*": 2}})[0]
+    b = KitConfig(tool_priors_s={"*": 2.0, "bash": 1.5})
+    assert hash(a) == hash(b) and a == b and a.tool_priors_s == (("*", 2.0), ("bash", 1.5))

@@ -30,6 +30,13 @@ logger = logging.getLogger("kvttl.kit")
 _RENAMED = {"ttl_policy": "policy"}
 
 
+def _as_pairs(given) -> tuple:
+    """A mapping of tool -> seconds as sorted (tool, seconds) pairs, so that the
+    frozen config stays hashable; pairs are taken as they are."""
+    items = given.items() if isinstance(given, Mapping) else given
+    return tuple(sorted((tool, seconds) for tool, seconds in items))
+
+
 @attrs.frozen(kw_only=True)
 class KitConfig:
     #: the scheduling policy bundle (``kvttl info`` lists them; ``fixed:<ttl>`` works too)
@@ -44,8 +51,9 @@ class KitConfig:
     measure_costs: bool = True
     #: seconds a tool is expected to take, before the engine has seen it
     #: return (``{"bash": 1.5, "*": 2}``; ``*`` is every other tool): the mean
-    #: of the exponential prior the TTL policy starts from
-    tool_priors_s: dict = attrs.field(factory=dict)
+    #: of the exponential prior the TTL policy starts from. Kept as sorted
+    #: (tool, seconds) pairs, so the config is hashable
+    tool_priors_s: tuple = attrs.field(factory=tuple, converter=_as_pairs)
     #: order the waiting queue by program (Continuum's program-level FCFS)
     program_fcfs: bool = True
     #: how far back a turn's program arrival may place it in the queue.

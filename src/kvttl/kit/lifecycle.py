@@ -191,7 +191,7 @@ class EngineKit:
         self.reload = reload or ReloadModel(b=1.0 / self.config.reload_tokens_per_s)
         self._costs_seen = 0  # observations already folded into self.reload
         self.policy = policy or get_policy(self.config.policy, capacity_blocks=num_blocks, reload=self.reload)
-        for tool, mean_s in self.config.tool_priors_s.items():
+        for tool, mean_s in self.config.tool_priors_s:
             self.policy.ttl.set_prior(tool, mean_s)
         if pool is not None:
             if pool.capacity != num_blocks:
