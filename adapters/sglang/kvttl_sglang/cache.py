@@ -133,6 +133,9 @@ class KvttlRadixCache(UnifiedRadixCache):
     def __init__(self, params, *, config: dict | None = None, clock: Callable[[], float] | None = None):
         super().__init__(params)
         self.kvttl_config = load_config(None if config is None else json.dumps(config))
+        if self.kvttl_config.tenant_field is not None:
+            raise BadArgumentError("kvttl config: tenant_field is for vLLM; on SGLang a gateway sets the tenant in "
+                                   "the request's extra_key (or cache_salt), which already scopes program ids")
         if self.tp_world_size > 1 or self.pp_size > 1:
             # Queue keys compare each rank's own entry stamps; "arrival - jump" against another request's
             # stamp could order differently on two ranks, and the ranks must schedule alike.

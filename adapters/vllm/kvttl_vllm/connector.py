@@ -188,7 +188,8 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
 
     def on_new_request(self, request) -> None:
         if self.kit is not None:
-            self.kit.arrived(request.request_id, request_hints(request), prompt_tokens=request.num_prompt_tokens,
+            hints = request_hints(request, self.config.tenant_field)
+            self.kit.arrived(request.request_id, hints, prompt_tokens=request.num_prompt_tokens,
                              arrival=request.arrival_time)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):

@@ -32,9 +32,10 @@ __all__ = ["request_hints", "parse_hints", "isolation_key"]
 _UNPARSED = object()
 
 
-def request_hints(request) -> TurnHints | None:
+def request_hints(request, tenant_field: str | None = None) -> TurnHints | None:
     """parse_hints for a vLLM Request, once: the result rides on the request,
-    so the scheduler's queue and the connector share one parse (and one warning)."""
+    so the scheduler's queue and the connector share one parse (and one warning).
+    ``tenant_field``: the config's (an ``extra_args`` key a gateway sets)."""
     hints = getattr(request, "_kvttl_hints", _UNPARSED)
     if hints is _UNPARSED:
         params = request.sampling_params
@@ -42,19 +43,27 @@ def request_hints(request) -> TurnHints | None:
         hints = request._kvttl_hints = parse_hints(
             request.kv_transfer_params, params.extra_args if params is not None else None,
             session_id=getattr(request, "session_id", None), kv_hints=getattr(request, "kv_hints", None),
-            request_id=request.request_id, errors=errors, tenant=isolation_key(request))
+            request_id=request.request_id, errors=errors, tenant=isolation_key(request, tenant_field))
         if errors:  # for the response (kvttl.kit.hint_report)
             request._kvttl_hint_errors = errors
     return hints
 
 
-def isolation_key(request) -> str:
+def isolation_key(request, tenant_field: str | None = None) -> str:
     """The request's tenant: its ``cache_salt`` and LoRA adapter name, the
-    keys vLLM's prefix cache isolates blocks by ("" with neither)."""
+    keys vLLM's prefix cache isolates blocks by ("" with neither), and the
+    value of ``extra_args[tenant_field]`` when the server names such a field."""
     salt = getattr(request, "cache_salt", None) or ""
     lora = getattr(request, "lora_request", None)
     lora_name = getattr(lora, "lora_name", None) or "" if lora is not None else ""
-    return f"{salt}\0lora:{lora_name}" if lora_name else salt
+    tenant = f"{salt}\0lora:{lora_name}" if lora_name else salt
+    if tenant_field:
+        params = getattr(request, "sampling_params", None)
+        extra = getattr(params, "extra_args", None)
+        value = extra.get(tenant_field) if isinstance(extra, dict) else None
+        if value is not None:
+            tenant = f"{tenant}\0{tenant_field}:{value}"
+    return tenant
 
 
 def _payload(kv_transfer_params, extra_args, kv_hints):

@@ -158,7 +158,7 @@ class KvttlScheduler(Scheduler):
         kit = kit_of(self.connector)
         if kit is None or not kit.orders_queue:
             return (request.arrival_time,)
-        hints = request_hints(request)
+        hints = request_hints(request, kit.config.tenant_field)
         return kit.queue_key(hints.key if hints is not None else None, request.arrival_time)
 
 

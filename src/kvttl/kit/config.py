@@ -84,6 +84,12 @@ class KitConfig:
     #: in [0, 1] (a tenant: requests with one cache-isolation key, such as
     #: vLLM's ``cache_salt``); None: only ``pinned_share_cap`` applies
     tenant_pinned_share: float | None = None
+    #: a request field that a trusted gateway sets to the client's tenant
+    #: (vLLM: this key of the request's ``extra_args``, ``vllm_xargs`` over
+    #: HTTP); program ids are then scoped by it as well as by the engine's
+    #: cache-isolation key. The gateway must overwrite what clients send.
+    #: None: the isolation key alone (SGLang: its caller-defined ``extra_key``)
+    tenant_field: str | None = None
 
 
 CONFIG_KEYS = tuple(f.name for f in attrs.fields(KitConfig))
@@ -175,6 +181,9 @@ def load_config(given: Mapping | None, *, source: str = "kvttl config",
     if values.get("tenant_pinned_share") is not None:
         values["tenant_pinned_share"] = _number(source, "tenant_pinned_share", values["tenant_pinned_share"],
                                                 low=0.0, high=1.0)
+    if values.get("tenant_field") is not None and (not isinstance(values["tenant_field"], str)
+                                                  or not values["tenant_field"].strip()):
+        raise BadArgumentError(f"{source}: tenant_field must be a field name, got {values['tenant_field']!r}")
     if "stall_steps" in values:
         values["stall_steps"] = _number(source, "stall_steps", values["stall_steps"], low=1, integer=True)
     return KitConfig(**values), extras

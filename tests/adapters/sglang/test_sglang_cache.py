@@ -186,6 +186,8 @@ def test_bad_config_fails_at_start_naming_the_key():
     with pytest.raises(KvttlError, match="nope"):
         load_config('{"ttl_policy": "nope"}')
     assert load_config("").policy == "continuum"
+    with pytest.raises(KvttlError, match="tenant_field is for vLLM"):  # SGLang's tenant is its extra_key
+        make_cache(tokens=64, config={"tenant_field": "tenant"})
 
 
 # ---- property: random agent traffic --------------------------------------------------------
