@@ -102,12 +102,14 @@ class WorkloadSpec:
     #: share of programs whose client sends an explicit TTL hint, and the hint
     ttl_hint_share: float = 0.0
     ttl_hint: str = "5m"
+    #: the built-in workload a spec file started from (its loads are swept)
+    base: str = ""
 
     def __attrs_post_init__(self):
         where = f"workload {self.name!r}"
         for f in attrs.fields(WorkloadSpec):
             value = getattr(self, f.name)
-            if f.name in ("name", "tools", "ttl_hint"):
+            if f.name in ("name", "tools", "ttl_hint", "base"):
                 continue
             if not _finite_number(value) or value < 0:
                 raise BadArgumentError(f"{where}: {f.name} must be a finite number >= 0, got {value!r}")
@@ -232,8 +234,8 @@ def load_workload_spec(path: str | Path) -> WorkloadSpec:
         raise BadArgumentError(f"workload spec {path}: {e}") from None
     if not isinstance(raw, dict):
         raise BadArgumentError(f"workload spec {path}: expected an object of fields, got {type(raw).__name__}")
-    base = raw.pop("base", "swe-bench")
-    base = WORKLOADS.get(base) if isinstance(base, str) else None
+    base_name = raw.pop("base", "swe-bench")
+    base = WORKLOADS.get(base_name) if isinstance(base_name, str) else None
     if base is None:
         raise BadArgumentError(f"workload spec {path}: base must be one of {', '.join(WORKLOADS)}")
     fields = {f.name for f in attrs.fields(WorkloadSpec)}
@@ -250,6 +252,7 @@ def load_workload_spec(path: str | Path) -> WorkloadSpec:
         except TypeError as e:
             raise BadArgumentError(f"workload spec {path}: tools: {e}") from None
     raw.setdefault("name", path.stem)
+    raw["base"] = base_name
     try:
         return attrs.evolve(base, **raw)
     except (TypeError, ValueError) as e:
@@ -327,16 +330,25 @@ def _tracelab_turn(row, path, lineno):
         key = "tool_internal_latency_ms" if t.get("tool_internal_latency_ms") is not None else "tool_wall_latency_ms"
         wait_ms += _count(t, key, path, lineno, 0.0)
         name = name or _tool_name(t.get("tool_name"), path, lineno) or "tool"
-    return max(1, int(prompt)), out, name, wait_ms / 1000.0
+    return max(1, int(prompt)), out, name, wait_ms / 1000.0, False
 
 
 def _mooncake_turn(row, path, lineno):
-    """Dynamo agentic-Mooncake row: the wait before the *next* row of the same
-    session is ``tool_wait_ms`` (or ``delay``) on this row."""
-    prompt = int(_count(row, "input_length", path, lineno))
+    """A Mooncake row, in one of two session forms:
+
+    - agentic (``tool_wait_ms``): ``input_length`` is the whole prompt, and
+      the tool runs ``tool_wait_ms`` after this row, before the next one;
+    - aiperf multi-turn (``delay``): ``input_length`` counts the turn's new
+      tokens only (the session's history comes first), and ``delay`` is the
+      wait *before* this row.
+
+    Returns (tokens, output, tool, wait seconds, whether the row has a
+    ``delay``: a session with one is aiperf's)."""
+    tokens = int(_count(row, "input_length", path, lineno))
     out = max(1, int(_count(row, "output_length", path, lineno)))
-    wait = _count(row, "tool_wait_ms" if "tool_wait_ms" in row else "delay", path, lineno, 0)
-    return max(1, prompt), out, _tool_name(row.get("tool"), path, lineno) or "tool", float(wait) / 1000.0
+    before = "tool_wait_ms" not in row and "delay" in row
+    wait = _count(row, "delay" if before else "tool_wait_ms", path, lineno, 0)
+    return max(1, tokens), out, _tool_name(row.get("tool"), path, lineno) or "tool", float(wait) / 1000.0, before
 
 
 def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
@@ -382,10 +394,15 @@ def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
     for pid, (sid, t0) in enumerate(zip(ids, arrivals)):
         rows = sessions[sid]
         turns = []
-        for k, (prompt, out, tool, wait) in enumerate(rows):
+        context = 0  # prompt + output of the session's previous turn
+        aiperf = any(row[4] for row in rows)  # its first row has no delay: the session's other rows say
+        for k, (tokens, out, tool, wait, _) in enumerate(rows):
             last = k == len(rows) - 1
+            prompt = context + tokens if aiperf else tokens
+            after = (rows[k + 1][3] if not last else 0.0) if aiperf else wait  # the tool runs between rows
             turns.append(Turn(prompt_tokens=prompt, output_tokens=out, tool=None if last else (tool or "tool"),
-                              tool_duration_s=0.0 if last else wait))
+                              tool_duration_s=0.0 if last else after))
+            context = prompt + out
         programs.append(Program(program_id=pid, arrival_s=float(t0), turns=tuple(turns)))
     order = np.argsort([p.arrival_s for p in programs], kind="stable")
     return [attrs.evolve(programs[i], program_id=n) for n, i in enumerate(order)]
