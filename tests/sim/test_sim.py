@@ -384,7 +384,7 @@ def test_simulate_cli_plot_without_matplotlib_fails_before_the_sweep(capsys, mon
 def test_simulate_cli_prints_a_line_per_run_when_piped(capsys):
     assert main(["simulate", "--programs", "3", "--jps", "0.2", "--policies", "vllm,continuum", "--workers", "1"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
-    assert len(lines) == 2 and lines[0].startswith("[1/2] vllm at 0.2 jobs/s: mean JCT ") and lines[1].startswith("[2/2]")
+    assert len(lines) == 2 and lines[0].startswith("[1/2] vllm at 0.2 jps: mean JCT ") and lines[1].startswith("[2/2]")
 
 
 # ---- workload and trace fidelity (issue #13, item 4) -------------------------------------------
@@ -442,3 +442,17 @@ def test_a_tie_is_called_a_tie(capsys):
                  "--programs", "10", "--policies", "vllm,continuum"]) == 0
     text = capsys.readouterr().out
     assert "a tie" in text and "best at 0.5 jps: continuum" not in text
+
+
+def test_a_trace_with_arrival_times_replays_them_without_jps(tmp_path, capsys):
+    """--trace never used Mooncake timestamps from the CLI: a load was always supplied."""
+    out = tmp_path / "r.json"
+    assert main(["simulate", "--quiet", "--workers", "1", "--trace", str(DATA / "mooncake_sample.jsonl"),
+                 "--policies", "vllm,continuum", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["loads"] == [0.0] and len(report["results"]) == 2
+    assert "trace times" in capsys.readouterr().out
+    # TraceLab rounds carry no usable arrival times: the default loads, as before
+    assert main(["simulate", "--quiet", "--workers", "1", "--trace", str(DATA / "tracelab_sample.jsonl"),
+                 "--policies", "vllm", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["config"]["loads"]) == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -27,6 +28,21 @@ MAX_PROGRAMS = 1_000_000
 TURN_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, None))
 #: Mean JCTs within this factor of each other are a tie.
 TIE = 1.01
+#: The "load" of a run that replays a trace's own arrival times (Mooncake timestamps).
+TRACE_TIMES = 0.0
+
+
+def load_text(jps: float) -> str:
+    return "trace times" if jps == TRACE_TIMES else f"{jps:g} jps"
+
+
+@functools.lru_cache(maxsize=8)
+def _trace_has_times(path: str, mtime: float) -> bool:
+    try:
+        load_trace(path)
+    except BadArgumentError:
+        return False
+    return True
 
 
 @attrs.frozen(kw_only=True)
@@ -45,6 +61,9 @@ class SweepConfig:
     def loads(self) -> tuple[float, ...]:
         if self.jps:
             return self.jps
+        if self.trace is not None and os.path.exists(self.trace) and \
+                _trace_has_times(self.trace, os.path.getmtime(self.trace)):
+            return (TRACE_TIMES,)  # a trace with arrival times replays them
         name = self.workload
         if name not in DEFAULT_JPS and self.trace is None:
             name = get_workload(name).base or name  # a spec file sweeps the loads of its base
@@ -61,7 +80,7 @@ class SweepConfig:
         twice = sorted({name for name in self.policies if self.policies.count(name) > 1})
         if twice:
             raise BadArgumentError(f"policies: {', '.join(twice)} given more than once")
-        for x in self.loads():
+        for x in self.jps or ():
             if not (x > 0 and np.isfinite(x)):
                 raise BadArgumentError(f"loads must be positive jobs per second, got {x!r}")
         if not 1 <= self.num_programs <= MAX_PROGRAMS:
@@ -77,12 +96,15 @@ class SweepConfig:
         if self.trace is None:
             get_workload(self.workload)
         else:
-            load_trace(self.trace, jps=self.loads()[0], seed=self.seed, max_programs=self.num_programs)
+            first = self.loads()[0]
+            load_trace(self.trace, jps=None if first == TRACE_TIMES else first, seed=self.seed,
+                       max_programs=self.num_programs)
 
 
 def _programs(cfg: SweepConfig, jps: float):
     if cfg.trace:
-        return load_trace(cfg.trace, jps=jps, seed=cfg.seed, max_programs=cfg.num_programs)
+        return load_trace(cfg.trace, jps=None if jps == TRACE_TIMES else jps, seed=cfg.seed,
+                          max_programs=cfg.num_programs)
     return generate(get_workload(cfg.workload), cfg.num_programs, jps, seed=cfg.seed)
 
 
@@ -119,7 +141,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool | str = True) -> dict:
         if bar:
             bar.update()
         elif progress == "lines":
-            print(f"[{len(rows)}/{len(tasks)}] {row['policy']} at {row['jps']:g} jobs/s: "
+            print(f"[{len(rows)}/{len(tasks)}] {row['policy']} at {load_text(row['jps'])}: "
                   f"mean JCT {row['mean_jct_s']:.1f} s", file=sys.stderr, flush=True)
 
     if workers > 1 and len(tasks) > 1:
@@ -171,23 +193,23 @@ def format_tables(report: dict) -> str:
         for r in rows:
             leases = f"{r['leases_granted']}/{r['leases_hit']}/{r['leases_expired']}/{r['leases_revoked']}"
             lines.append(
-                f"{jps:>6g} {r['policy']:<18} {r['mean_jct_s']:>10.1f} {r['p50_jct_s']:>8.1f} {r['p95_jct_s']:>8.1f} "
+                f"{'trace' if jps == TRACE_TIMES else format(jps, 'g'):>6} {r['policy']:<18} {r['mean_jct_s']:>10.1f} {r['p50_jct_s']:>8.1f} {r['p95_jct_s']:>8.1f} "
                 f"{r[key]:>9.2f}x {r['throughput_jobs_per_s']:>7.3f} {r['prefix_hit_rate']:>6.1%} "
                 f"{r['host_reload_rate']:>6.1%} {r['mean_queue_delay_s']:>8.2f} {leases:>22} {r['preemptions']:>7}")
         best = min(rows, key=lambda r: r["mean_jct_s"])
         worst = max(r["mean_jct_s"] for r in rows)
         ahead = [r["policy"] for r in rows if r["mean_jct_s"] <= best["mean_jct_s"] * TIE]
         if worst <= best["mean_jct_s"] * TIE:
-            lines.append(f"{'':>6} at {jps:g} jps every policy is within 1% of the others: a tie (the KV "
+            lines.append(f"{'':>6} at {load_text(jps)} every policy is within 1% of the others: a tie (the KV "
                          "cache is not under pressure here, or the workload gives pins nothing to save)")
         elif len(ahead) > 1:
-            lines.append(f"{'':>6} best at {jps:g} jps: a tie within 1% between {', '.join(ahead)} "
+            lines.append(f"{'':>6} best at {load_text(jps)}: a tie within 1% between {', '.join(ahead)} "
                          f"({best[key]:.2f}x vs {baseline})")
         else:
-            lines.append(f"{'':>6} best at {jps:g} jps: {best['policy']} ({best[key]:.2f}x vs {baseline})")
+            lines.append(f"{'':>6} best at {load_text(jps)}: {best['policy']} ({best[key]:.2f}x vs {baseline})")
         lines.append("")
     top = max(cfg["loads"])
-    lines.append(f"Mean JCT speedup vs {baseline} by turns per program, at {top:g} jps:")
+    lines.append(f"Mean JCT speedup vs {baseline} by turns per program, at {load_text(top)}:")
     buckets = [b for b in report["by_turns"] if b["jps"] == top]
     names = list(dict.fromkeys(b["policy"] for b in buckets))
     spans = list(dict.fromkeys(b["turns"] for b in buckets))
