@@ -166,6 +166,13 @@ def test_a_prefix_cache_reset_succeeds_while_leases_live(engine):
     llm, scheduler, pool = engine
     out = turn(llm, tokens(600), program_id="agent-reset", tool="bash", ttl="60s")
     assert out.kv_transfer_params["kvttl"]["lease_granted"]
+    # with a request running the reset fails as it would without kvttl, and the lease is kept
+    llm.llm_engine.add_request("running", TokensPrompt(prompt_token_ids=tokens(300)),
+                               SamplingParams(max_tokens=50, ignore_eos=True))
+    llm.llm_engine.step()
+    assert llm.reset_prefix_cache() is False and scheduler.connector.kit.num_leases == 1
+    while llm.llm_engine.has_unfinished_requests():
+        llm.llm_engine.step()
     assert llm.reset_prefix_cache() is True
     assert scheduler.connector.kit.num_leases == 0 and scheduler.connector.stats["released"] >= 1
     core = llm.llm_engine.engine_core.engine_core

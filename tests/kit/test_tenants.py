@@ -49,7 +49,7 @@ def test_a_program_of_another_tenant_does_not_inherit_the_queue_place():
                                                                              clock.t)
 
 
-@pytest.mark.parametrize("client_id", ["\0alice\0sagent", "\0alice\0s" + "agent", "x\x1fy"])
+@pytest.mark.parametrize("client_id", ["\0alice\0sagent", "\0#0123abcd\0i7", "x\x1fy", "tab\there"])
 def test_no_client_id_can_spell_a_scoped_key(client_id):
     errors = []
     assert read_hints({"program_id": client_id}, log=log, errors=errors) is None
@@ -85,6 +85,18 @@ def test_the_policys_own_ttl_is_clamped_too():
     k.arrived("a1", hints("A"))
     outcome = finish(k, "a1")
     assert outcome.ttl_s == 120.0 and outcome.ttl_clamped_from_s == 0.0
+
+
+def test_a_fresh_salt_per_program_does_not_buy_a_fresh_pin_share():
+    """From review: the share counted by the whole isolation key, so a client
+    that picks its own cache_salt got a new share with every salt. It counts
+    by the part a gateway vouches for (TurnHints.quota)."""
+    k, _, _ = kit(tenant_pinned_share=0.25)
+    granted = sum(bool(finish(k, f"m{i}", blocks=(3 * i, 3 * i + 1)).granted)
+                  for i in range(10)
+                  if k.arrived(f"m{i}", hints("agent", tenant=f"salt{i}\0tenant:team-m", quota="tenant:team-m")))
+    assert granted == 4 and k.tenant_pinned_blocks("tenant:team-m") == 8
+    k.check_invariants()
 
 
 def test_one_tenant_cannot_take_more_than_its_pin_share():
@@ -134,9 +146,10 @@ def test_tool_names_cannot_squat_the_estimator():
     for _ in range(8):
         est.observe("pytest", 5.0)
     assert est.tool_mean("pytest") == 5.0 and est.stage("pytest") == "tool"
-    for i in range(2000):
-        est.observe(f"flood-{i % 300}", 0.1)
-    est.observe("pytest", 5.0)
+    for i in range(5000):  # made-up names, far more often than pytest returns
+        est.observe(f"flood-{i}", 0.1)
+    assert "pytest" in est._tools, "a flood of made-up names pushed out a tool with an estimate of its own"
+    assert est.stage("pytest") == "tool" and est.tool_mean("pytest") == 5.0
     assert len(est._tools) <= 64 and est._tool_samples <= 1024
     assert sum(len(w) for w in est._tools.values()) == est._tool_samples
 

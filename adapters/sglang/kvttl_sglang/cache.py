@@ -81,7 +81,8 @@ def turn_hints(req) -> TurnHints | None:
     """The kvttl hints a request carries in ``kv_hints`` (action type
     ``kvttl.turn``), or None. Bad hints are dropped with a warning."""
     return read_hints(payload_from_envelope(getattr(req, "kv_hints", None)), log=logger,
-                      request=getattr(req, "rid", "?"), tenant=isolation_key(req))
+                      request=getattr(req, "rid", "?"), tenant=isolation_key(req),
+                      quota=getattr(req, "extra_key", None) or "")
 
 
 _UNPARSED = object()

@@ -166,12 +166,17 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         # vLLM's prefix-cache reset (reset_prefix_cache, a pause or sleep that
         # clears caches) refuses while any block is referenced, and a lease is
         # a reference: it would fail for as long as any lease lives. A reset
-        # drops every context anyway, so the leases go first.
+        # drops every context anyway, so the leases go first -- when they are
+        # all that stands in its way (used blocks beyond vLLM's null block
+        # all leased); otherwise the reset fails as it would, leases kept.
         reset = gpu_block_pool.reset_prefix_cache
 
         def reset_prefix_cache(*args, **kwargs):
-            if self.kit is not None and self.kit.num_leases:
-                self.kit.release_all()
+            kit = self.kit
+            if kit is not None and kit.num_leases and not (self._hold or self._in_flight):
+                used = gpu_block_pool.num_gpu_blocks - gpu_block_pool.get_num_free_blocks() - 1
+                if used <= kit.num_pinned:
+                    kit.release_all()
             return reset(*args, **kwargs)
 
         gpu_block_pool.reset_prefix_cache = reset_prefix_cache
@@ -312,12 +317,12 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         a lease is due: that step expires it and copies it out. Otherwise the
         waker is set to the next deadline, so an idle server expires its
         leases on time, and ``vllm:kvttl_leases`` stays true."""
-        if self._engine_paused():
-            return False  # paused or asleep: due leases wait for the first step after it resumes
         if self._hold or self._in_flight:
-            return True
+            return True  # copies finish even while a pause completes: its cache reset needs the blocks
         if self.kit is None:
             return False
+        if self._engine_paused():
+            return False  # paused or asleep: due leases wait for the first step after it resumes
         deadline = self.kit.next_deadline()
         if deadline is not None and deadline <= self.kit.clock():
             self._idle_wake = True

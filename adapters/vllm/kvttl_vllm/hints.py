@@ -43,7 +43,8 @@ def request_hints(request, tenant_field: str | None = None) -> TurnHints | None:
         hints = request._kvttl_hints = parse_hints(
             request.kv_transfer_params, params.extra_args if params is not None else None,
             session_id=getattr(request, "session_id", None), kv_hints=getattr(request, "kv_hints", None),
-            request_id=request.request_id, errors=errors, tenant=isolation_key(request, tenant_field))
+            request_id=request.request_id, errors=errors, tenant=isolation_key(request, tenant_field),
+            quota=gateway_tenant(request, tenant_field))
         if errors:  # for the response (kvttl.kit.hint_report)
             request._kvttl_hint_errors = errors
     return hints
@@ -66,6 +67,16 @@ def isolation_key(request, tenant_field: str | None = None) -> str:
     return tenant
 
 
+def gateway_tenant(request, tenant_field: str | None) -> str:
+    """``extra_args[tenant_field]`` as a string, or "" (no field named, or none sent):
+    what a per-tenant pin share counts by, since the client may pick its cache_salt."""
+    if not tenant_field:
+        return ""
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+    value = extra.get(tenant_field) if isinstance(extra, dict) else None
+    return "" if value is None else f"{tenant_field}:{value}"
+
+
 def _payload(kv_transfer_params, extra_args, kv_hints):
     payload = payload_from_envelope(kv_hints)
     if payload is not None:
@@ -80,7 +91,8 @@ def _payload(kv_transfer_params, extra_args, kv_hints):
 
 
 def parse_hints(kv_transfer_params, extra_args, *, session_id=None, kv_hints=None,
-                request_id: str = "?", errors: list | None = None, tenant: str = "") -> TurnHints | None:
+                request_id: str = "?", errors: list | None = None, tenant: str = "",
+                quota: str = "") -> TurnHints | None:
     """The kvttl hints of a request, or None when it has no program id. Never
     raises: bad hints are dropped with a warning (and appended to ``errors``),
     the request goes on."""
@@ -89,4 +101,4 @@ def parse_hints(kv_transfer_params, extra_args, *, session_id=None, kv_hints=Non
     payload = _payload(kv_transfer_params, extra_args, kv_hints)
     if session_id and (payload is None or (isinstance(payload, dict) and payload.get("program_id") is None)):
         payload = {**(payload if isinstance(payload, dict) else {}), "program_id": session_id}
-    return read_hints(payload, log=logger, request=request_id, errors=errors, tenant=tenant)
+    return read_hints(payload, log=logger, request=request_id, errors=errors, tenant=tenant, quota=quota)

@@ -102,7 +102,7 @@ HINT_WARNINGS = WarningBudget()
 
 
 def read_hints(payload, *, log: logging.Logger, request: object = "?",
-               errors: list | None = None, tenant: str = "") -> TurnHints | None:
+               errors: list | None = None, tenant: str = "", quota: str = "") -> TurnHints | None:
     """TurnHints from a payload, or None (no program id, or unusable hints).
     Never raises: every problem is one warning on ``log`` naming the request
     (rate-limited: ``HINT_WARNINGS``, 10 a minute, then a count).
@@ -110,9 +110,10 @@ def read_hints(payload, *, log: logging.Logger, request: object = "?",
     engine to tell the client in its response (``hint_invalid``); hints that
     were only partly ignored carry that in ``TurnHints.warnings``.
     ``tenant``: the request's cache-isolation key, which scopes its program
-    id (``kvttl.policy.program_key``); the engine's, never the client's hints'."""
+    id (``kvttl.policy.program_key``); the engine's, never the client's hints'.
+    ``quota``: the part of it a gateway vouches for (``TurnHints.quota``)."""
     try:
-        hints = parse_turn_hints(payload, tenant=tenant)
+        hints = parse_turn_hints(payload, tenant=tenant, quota=quota)
     except Exception as e:  # client input: whatever it is, the request goes on without kvttl
         HINT_WARNINGS.warn(log, "kvttl: ignoring the hints of request %s: %s", request, e)
         if errors is not None:

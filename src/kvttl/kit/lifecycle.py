@@ -242,18 +242,20 @@ class EngineKit:
         program = self.programs.get(program_id)
         if program is None:
             program = self.programs.add(program_id, now if arrival is None else arrival, now)
-            program.tenant = hints.tenant
+            program.tenant = hints.quota_key
         else:
             self.programs.touch(program, now)
             if program.finished_at is not None and program.in_flight == 0:
                 gap = max(0.0, now - program.finished_at)
                 self.policy.ttl.on_tool_return(program.tool, gap)
                 # Queue age counts only while the program is active: a gap
-                # longer than any lease the server grants is dormancy, which
-                # counts for nothing, so an old id buys no place at the head
-                # of the queue.
+                # longer than any lease the server grants is dormancy, after
+                # which the program is as old as this request, so an old id
+                # buys no place at the head of the queue. (Re-based on the
+                # request's own stamp: ranks that stamp requests apart still
+                # order them alike.)
                 if gap > self.config.max_ttl_s:
-                    program.first_arrival += gap
+                    program.first_arrival = now if arrival is None else arrival
             if program.pin is not None:
                 self._count("hit")
                 if self.policy.hold_while_waiting:

@@ -33,7 +33,7 @@ class Program:
         self.pin = None
         self.in_flight = 0  # turns arrived and not yet finished
         self.last_seen = now
-        self.tenant = ""  # the cache-isolation key its requests carry (program_id is scoped by it)
+        self.tenant = ""  # what its tenant's pin share counts by (TurnHints.quota_key)
         self.pinned_blocks = 0  # blocks its live lease pins
 
     @property

@@ -83,10 +83,11 @@ class ToolDurationEstimator:
     of the last ``window`` durations, so the estimate also follows drift.
     Tool names come from clients, so the per-tool windows are also bounded
     in number (``max_tools``) and in samples held in all (``max_samples``):
-    past either, the tool returned least recently is forgotten. Why least
-    recently returned: a flood of made-up names then pushes out only names
-    that stopped returning, and a real tool that keeps returning keeps its
-    window (where a first-come rule would fold every later tool into one).
+    past either, the least recently returned tool that has fewer than
+    ``min_samples`` returns is forgotten (else the least recently returned).
+    Why: a flood of made-up names, one return each, then only pushes out
+    itself and names that never got going, while a tool with an estimate of
+    its own keeps it (a first-come rule folded every later tool into one).
     The prior's CDF is represented by ``prior_points`` of its quantiles, so
     every stage hands the TTL rule the same kind of object.
     """
@@ -141,10 +142,23 @@ class ToolDurationEstimator:
         win.add(float(duration_s))
         self._tool_samples += len(win) - held
         while len(self._tools) > self.max_tools or self._tool_samples > self.max_samples:
-            _, gone = self._tools.popitem(last=False)  # never the tool just seen: it is last
-            self._tool_samples -= len(gone)
+            self._tool_samples -= len(self._tools.pop(self._victim(tool)))
         self._global.add(float(duration_s))
         self.num_observed += 1
+
+    def _victim(self, keep: str) -> str:
+        """The tool to forget: the least recently returned one still short
+        of ``min_samples`` (a made-up name has one sample), else the least
+        recently returned; never ``keep``, the tool just seen."""
+        fallback = None
+        for name, win in self._tools.items():
+            if name == keep:
+                continue
+            if len(win) < self.min_samples:
+                return name
+            if fallback is None:
+                fallback = name
+        return fallback
 
     def stage(self, tool: str) -> str:
         """Which estimate ``cdf(tool)`` uses: ``prior``, ``global`` or ``tool``.

@@ -102,10 +102,18 @@ class TurnHints:
     ttl_s: float | None = None
     warnings: tuple[str, ...] = ()
     tenant: str = ""
+    #: the part of the tenant a gateway vouches for, which per-tenant pin
+    #: shares count by ("" : the whole tenant); a client that picks its own
+    #: cache_salt must not get a fresh share with each one
+    quota: str = ""
 
     @property
     def key(self) -> str | int:
         return program_key(self.program_id, self.tenant)
+
+    @property
+    def quota_key(self) -> str:
+        return self.quota or self.tenant
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -125,7 +133,7 @@ def _truthy(value) -> bool:
     return bool(value)
 
 
-def parse_turn_hints(payload: Mapping | None, *, tenant: str = "") -> TurnHints | None:
+def parse_turn_hints(payload: Mapping | None, *, tenant: str = "", quota: str = "") -> TurnHints | None:
     """TurnHints from a mapping with ``program_id`` (str or 64-bit int),
     optional ``tool``, ``last_turn`` and ``ttl``. None when there is no
     program id: the request takes the engine's normal path. Raises
@@ -164,7 +172,8 @@ def parse_turn_hints(payload: Mapping | None, *, tenant: str = "") -> TurnHints 
         warnings.append(f"tool ignored: must be valid UTF-8 of at most {MAX_TOOL_BYTES} bytes")
         tool = None
     return TurnHints(program_id=program, tool=tool or "", last_turn=_truthy(payload.get("last_turn", False)),
-                     ttl_s=ttl, warnings=tuple(warnings), tenant=str(tenant) if tenant else "")
+                     ttl_s=ttl, warnings=tuple(warnings), tenant=str(tenant) if tenant else "",
+                     quota=str(quota) if quota else "")
 
 
 _BASH_BLOCK = re.compile(r"```(?:bash|sh|shell)[ \t]*\n(.*?)```", re.DOTALL)

@@ -37,9 +37,9 @@ def load_text(jps: float) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _trace_has_times(path: str, mtime: float) -> bool:
+def _trace_has_times(path: str, mtime: float, max_programs: int) -> bool:
     try:
-        load_trace(path)
+        load_trace(path, max_programs=max_programs)
     except BadArgumentError:
         return False
     return True
@@ -62,7 +62,7 @@ class SweepConfig:
         if self.jps:
             return self.jps
         if self.trace is not None and os.path.exists(self.trace) and \
-                _trace_has_times(self.trace, os.path.getmtime(self.trace)):
+                _trace_has_times(self.trace, os.path.getmtime(self.trace), self.num_programs):
             return (TRACE_TIMES,)  # a trace with arrival times replays them
         name = self.workload
         if name not in DEFAULT_JPS and self.trace is None:

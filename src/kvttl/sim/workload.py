@@ -388,6 +388,7 @@ def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
         arrivals = poisson_arrivals(len(ids), jps, np.random.default_rng(seed))
     elif kind == "mooncake" and all(s in first_ts for s in ids):
         arrivals = np.array([first_ts[s] for s in ids])
+        arrivals -= arrivals.min()  # epoch timestamps: the first session arrives at 0
     else:
         raise BadArgumentError(f"trace {path}: no arrival times in it; pass a load (jobs per second)")
     programs = []
