@@ -194,11 +194,11 @@ size_t read_ints(nb::handle obj, const char* what, Sink&& sink, size_t* count) {
       long long v;
       unsigned long long u;
       bool is_u;
-      bool ok;
-      if (PyLong_CheckExact(item)) {  // the common case runs no Python code
-        ok = read_int(item, &v, &u, &is_u, what, i);
+      if (PyLong_CheckExact(item)) {  // the common case runs no Python code (and an int always reads)
+        read_int(item, &v, &u, &is_u, what, i);
       } else {
         Py_INCREF(item);
+        bool ok;
         try {
           ok = read_int(item, &v, &u, &is_u, what, i);
         } catch (...) {
@@ -212,7 +212,6 @@ size_t read_ints(nb::handle obj, const char* what, Sink&& sink, size_t* count) {
         }
         Py_DECREF(item);
       }
-      KVTTL_CHECK(ok, BadArgument, what, ": expected integers, item ", i, " is ", type_name(item));
       sink(static_cast<size_t>(i), is_u ? (long long)u : v, is_u);
     }
     KVTTL_CHECK(PySequence_Fast_GET_SIZE(seq) == n, BadArgument, what,

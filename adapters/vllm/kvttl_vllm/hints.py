@@ -58,13 +58,8 @@ def isolation_key(request, tenant_field: str | None = None) -> str:
     lora = getattr(request, "lora_request", None)
     lora_name = getattr(lora, "lora_name", None) or "" if lora is not None else ""
     tenant = f"{salt}\0lora:{lora_name}" if lora_name else salt
-    if tenant_field:
-        params = getattr(request, "sampling_params", None)
-        extra = getattr(params, "extra_args", None)
-        value = extra.get(tenant_field) if isinstance(extra, dict) else None
-        if value is not None:
-            tenant = f"{tenant}\0{tenant_field}:{value}"
-    return tenant
+    vouched = gateway_tenant(request, tenant_field)
+    return f"{tenant}\0{vouched}" if vouched else tenant
 
 
 def gateway_tenant(request, tenant_field: str | None) -> str:
