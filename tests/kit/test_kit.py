@@ -191,6 +191,28 @@ def test_an_old_program_overtakes_only_requests_of_its_last_few_prefills():
             load_config({key: -1})
 
 
+def test_the_policys_aging_and_the_operators_bound_the_tighter_wins():
+    """kvttl's own aging (SchedulingPolicy.max_queue_jump_prefills, issue #13:
+    short programs were starved behind long ones) applies with no operator
+    bound, and an operator's tighter bound still wins."""
+    from kvttl.policy.registry import KVTTL_QUEUE_JUMP_PREFILLS
+
+    def bound(**config):
+        k, _, _ = kit("kvttl", reload_tokens_per_s=100.0, measure_costs=False, **config)
+        k.arrived("a1", hints("A"), arrival=1.0)
+        k.finished("a1", blocks=[], num_tokens=40, free_blocks=20)
+        return k.max_queue_jump(k.programs.get("A"))
+
+    assert bound(max_queue_jump_prefills=None) == pytest.approx(KVTTL_QUEUE_JUMP_PREFILLS * 40 / 100.0)
+    assert bound() == pytest.approx(3 * 40 / 100.0)  # the operator's default, 3 prefills, is tighter
+    assert bound(max_queue_jump_prefills=None, max_queue_jump_s=1000.0) == pytest.approx(
+        KVTTL_QUEUE_JUMP_PREFILLS * 40 / 100.0)
+    unbounded, _, _ = kit("continuum", max_queue_jump_prefills=None)
+    unbounded.arrived("a1", hints("A"), arrival=1.0)
+    finish(unbounded, "a1", blocks=())
+    assert unbounded.max_queue_jump(unbounded.programs.get("A")) is None  # Continuum's order: unbounded
+
+
 def test_a_reused_request_key_ends_the_old_turn():
     k, _, _ = kit()
     k.arrived("x", hints("A"))

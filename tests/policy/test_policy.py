@@ -295,3 +295,51 @@ def test_turn_hints_parse_and_validate():
 ])
 def test_tool_from_output(text, tool):
     assert tool_from_output(text) == tool
+
+
+# ---- kvttl's TTL and the oracle (issue #13) ----------------------------------------------------
+
+def test_kvttl_believes_a_hint_only_as_far_as_the_evidence_goes():
+    """Wrong 1-hour hints made every pin an hour long (continuum got better
+    when clients lied; kvttl lost 2.4% on the wrong-hints workload)."""
+    from kvttl.policy import KvttlTTL
+
+    policy = KvttlTTL(min_samples=10)
+    hour = TurnContext(program_id=1, tool="cat", hint_ttl_s=3600.0, prefill_s=10.0)
+    assert policy.ttl(hour) == 3600.0  # no evidence yet: the client may know best
+    for d in np.linspace(0.1, 2.0, 50):
+        policy.on_tool_return("cat", float(d))
+    assert policy.ttl(hour) == pytest.approx(np.quantile(np.linspace(0.1, 2.0, 50), 0.99))
+    short = TurnContext(program_id=1, tool="cat", hint_ttl_s=0.05, prefill_s=10.0)
+    assert policy.ttl(short) == 0.05  # a shorter hint is kept
+    continuum = ContinuumTTL(min_samples=10)
+    for d in np.linspace(0.1, 2.0, 50):
+        continuum.on_tool_return("cat", float(d))
+    plain = TurnContext(program_id=1, tool="cat", prefill_s=10.0)
+    assert policy.ttl(plain) == continuum.ttl(plain) > 0  # without a hint: Continuum's tau*
+
+
+def test_the_oracle_pins_exactly_the_turns_that_return_while_a_pin_pays():
+    from kvttl.policy import OracleTTL
+
+    future = {(1, 0): 0.5, (1, 1): 50.0, (1, 2): None}
+    oracle = OracleTTL(lambda pid, turn: future[(pid, turn)])
+    turn = lambda i: TurnContext(program_id=1, turn_index=i, prefill_s=2.0, hint_ttl_s=3600.0)  # noqa: E731
+    assert oracle.ttl(turn(0)) == pytest.approx(0.5, abs=1e-5)  # returns in 0.5 s, a re-prefill costs 2: pin
+    assert oracle.ttl(turn(1)) == 0.0  # 50 s of pinned memory to save 2 s: no
+    assert oracle.ttl(turn(2)) == 0.0  # the last turn: nothing returns
+    oracle.on_admitted(60.0, evicted=True)  # evicted turns queue for a minute: now a hit saves 62 s
+    assert oracle.ttl(turn(1)) == pytest.approx(50.0, abs=1e-5)
+
+
+def test_only_a_replay_can_run_the_oracle():
+    from kvttl.kit import load_config
+
+    with pytest.raises(BadArgumentError, match="clairvoyant"):
+        get_policy("oracle")
+    with pytest.raises(BadArgumentError, match="clairvoyant"):
+        load_config({"policy": "oracle"})  # an engine's config cannot name it
+    bundle = get_policy("oracle", future=lambda pid, turn: None)
+    kvttl = get_policy("kvttl")
+    assert (bundle.queue_order, bundle.offload, bundle.revokes, bundle.max_queue_jump_prefills) == (
+        kvttl.queue_order, kvttl.offload, kvttl.revokes, kvttl.max_queue_jump_prefills)

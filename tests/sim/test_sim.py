@@ -24,6 +24,7 @@ from kvttl.sim import (
     get_workload,
     load_trace,
     load_workload_spec,
+    replay_future,
 )
 
 H100 = get_preset("llama-3.1-8b-h100")
@@ -33,7 +34,8 @@ DATA = resources.files("kvttl.sim") / "data"
 def run(programs, policy, *, blocks=None, host_gb=0.0, jps=0.2):
     cost = H100
     config = EngineConfig(num_gpu_blocks=blocks, host_tier_gb=host_gb)
-    facts = dict(capacity_blocks=blocks or cost.num_gpu_blocks(16), reload=cost.reload_model(8192))
+    facts = dict(capacity_blocks=blocks or cost.num_gpu_blocks(16), reload=cost.reload_model(8192),
+                 future=replay_future(programs))
     sim = Simulator(programs, get_policy(policy, **facts), cost, config, jps=jps)
     return sim, sim.run()
 
@@ -188,7 +190,7 @@ def test_bad_traces(tmp_path, lines, words):
 # ---- the engine ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("policy", ["vllm", "vllm-lmcache", "autellix", "infercept", "continuum-preview",
-                                    "continuum", "kvttl", "fixed:3s"])
+                                    "continuum", "kvttl", "oracle", "fixed:3s"])
 def test_every_policy_completes_every_turn_without_leaks(policy):
     programs = generate(get_workload("swe-bench"), 12, 0.3, seed=2)
     sim, result = run(programs, policy, host_gb=64.0, blocks=7000)  # tight: preemptions and revocations happen
@@ -206,6 +208,26 @@ def test_every_policy_completes_every_turn_without_leaks(policy):
     assert result.output_tokens == sum(t.output_tokens for p in programs for t in p.turns)
 
 
+@pytest.mark.parametrize("order", ["request-fcfs", "plas"])
+def test_pins_never_stall_the_engine_whatever_the_queue_order(order):
+    """A bundle whose queue order does not put pinned programs first, with
+    "later-programs" revocation: a lease held while its next turn waits
+    behind a request that may not revoke it once stalled the engine (found
+    replaying swe-bench at 0.2 jps). A step with nothing to run gives a lease back."""
+    import attrs
+
+    from kvttl.policy import QUEUE_ORDERS
+
+    programs = generate(get_workload("swe-bench"), 60, 0.2, seed=0)
+    cost = H100
+    policy = attrs.evolve(get_policy("kvttl"), queue_order=QUEUE_ORDERS[order])
+    assert policy.revokes == "later-programs" and policy.hold_while_waiting
+    sim = Simulator(programs, policy, cost, EngineConfig(), jps=0.2)
+    result = sim.run()
+    assert len(result.jct_s) == 60 and result.leases_revoked > 0
+    assert sim.pool.num_referenced == 0 and sim.kit.num_leases == 0
+
+
 def test_tight_pools_exercise_preemption_and_revocation():
     programs = generate(get_workload("swe-bench"), 12, 0.3, seed=2)
     _, result = run(programs, "continuum", host_gb=0.0, blocks=7000)
@@ -220,12 +242,30 @@ def test_simulation_is_deterministic():
     assert a == b
 
 
-def test_kvttl_is_continuum_without_a_host_tier():
+def test_kvttl_is_continuum_without_a_host_tier_hints_or_aging():
+    import attrs
+
     programs = generate(get_workload("swe-bench"), 15, 0.3, seed=1)
     a = run(programs, "continuum", host_gb=0.0)[1].summary()
-    b = run(programs, "kvttl", host_gb=0.0)[1].summary()
+    facts = dict(capacity_blocks=H100.num_gpu_blocks(16), reload=H100.reload_model(8192))
+    kvttl = attrs.evolve(get_policy("kvttl", **facts), max_queue_jump_prefills=None)
+    b = Simulator(programs, kvttl, H100, EngineConfig(host_tier_gb=0.0), jps=0.2).run().summary()
     a.pop("policy"), b.pop("policy")
     assert a == b
+
+
+def test_the_oracle_bounds_the_table_and_never_lets_a_pin_expire(capsys):
+    """Issue #13 item 1: a clairvoyant policy in every table and the JSON;
+    it pins only turns that return, so none of its leases expires, and it is
+    never named the best policy."""
+    programs = generate(get_workload("swe-bench"), 12, 0.3, seed=2)
+    sim, result = run(programs, "oracle", host_gb=64.0, blocks=7000)
+    assert result.leases_granted > 0 and result.leases_expired == 0
+    assert sim.pool.num_referenced == 0 and sim.kit.num_leases == 0
+    assert main(["simulate", "--programs", "12", "--jps", "0.3", "--policies", "vllm,kvttl,oracle",
+                 "--workers", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "best at 0.3 jps: oracle" not in out and "oracle (a clairvoyant bound, not a choice)" in out
 
 
 def pressure_scenario():
@@ -472,3 +512,21 @@ def test_trace_times_are_rebased_and_judged_on_the_sessions_that_run(tmp_path):
     assert [p.arrival_s for p in load_trace(path, max_programs=2)] == [0.0, 2.0]
     assert SweepConfig(trace=str(path), num_programs=2).loads() == (TRACE_TIMES,)
     assert SweepConfig(trace=str(path), num_programs=3).loads() != (TRACE_TIMES,)
+
+
+def test_the_readmes_simulator_table_is_what_the_code_produces(tmp_path):
+    """Issue #13 item 7: the README's numbers come from a script, never typed
+    (they had gone stale: continuum 308.1 s documented, 303.0 s produced).
+    On a mismatch: ``python scripts/readme_tables.py OUT.json --write README.md``."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("readme_tables", root / "scripts" / "readme_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    out = tmp_path / "sim.json"
+    assert main([*tables.COMMAND, "--json", str(out)]) == 0
+    produced = tables.table(json.loads(out.read_text()))
+    assert tables.current_block((root / "README.md").read_text()) == produced, \
+        f"README.md's table is stale; regenerate it with scripts/readme_tables.py (produced:\n{produced})"

@@ -534,14 +534,21 @@ class EngineKit:
     def max_queue_jump(self, program: Program) -> float | None:
         """Seconds before its own arrival that a turn of ``program`` may
         queue as if it had arrived (None: back to the program's first
-        arrival): ``config.max_queue_jump_s``, or else
-        ``config.max_queue_jump_prefills`` re-prefills of its context."""
+        arrival): the tighter of the operator's bound (``config.max_queue_jump_s``,
+        or else ``config.max_queue_jump_prefills`` re-prefills of its context)
+        and the policy's aging (``policy.max_queue_jump_prefills``)."""
         config = self.config
+        prefill_s = None
+        bounds = []
         if config.max_queue_jump_s is not None:
-            return config.max_queue_jump_s
-        if config.max_queue_jump_prefills is None:
-            return None
-        return config.max_queue_jump_prefills * self.reload.prefill_s(max(program.context_tokens, self.block_size))
+            bounds.append(config.max_queue_jump_s)
+        for prefills in (None if config.max_queue_jump_s is not None else config.max_queue_jump_prefills,
+                         self.policy.max_queue_jump_prefills):
+            if prefills is not None:
+                if prefill_s is None:
+                    prefill_s = self.reload.prefill_s(max(program.context_tokens, self.block_size))
+                bounds.append(prefills * prefill_s)
+        return min(bounds) if bounds else None
 
     @property
     def orders_queue(self) -> bool:

@@ -34,7 +34,9 @@ from kvttl.policy.ttl import (
     ContinuumTTL,
     FixedTTL,
     InferCeptTTL,
+    KvttlTTL,
     NeverPin,
+    OracleTTL,
     TTLPolicy,
     TurnContext,
     continuum_tau,
@@ -47,6 +49,6 @@ __all__ = [
     "program_fcfs", "request_fcfs",
     "DEFAULT_POLICIES", "OFFLOAD_MODES", "InferCeptTTL", "SchedulingPolicy", "get_policy",
     "policy_names", "register_policy", "ReloadModel",
-    "ContinuumPreviewTTL", "ContinuumTTL", "FixedTTL", "NeverPin", "TTLPolicy", "TurnContext",
+    "ContinuumPreviewTTL", "ContinuumTTL", "FixedTTL", "KvttlTTL", "NeverPin", "OracleTTL", "TTLPolicy", "TurnContext",
     "continuum_tau",
 ]

@@ -20,7 +20,16 @@ from kvttl.policy.order import (
     program_fcfs,
     request_fcfs,
 )
-from kvttl.policy.ttl import ContinuumPreviewTTL, ContinuumTTL, FixedTTL, InferCeptTTL, NeverPin, TTLPolicy
+from kvttl.policy.ttl import (
+    ContinuumPreviewTTL,
+    ContinuumTTL,
+    FixedTTL,
+    InferCeptTTL,
+    KvttlTTL,
+    NeverPin,
+    OracleTTL,
+    TTLPolicy,
+)
 
 __all__ = [
     "SchedulingPolicy",
@@ -71,7 +80,16 @@ class SchedulingPolicy:
     #: (program-level FCFS applied to memory; the engine preempts instead).
     #: While nothing runs, any lease may go: pins never stop the engine.
     revokes: str = attrs.field(default="any", validator=attrs.validators.in_(("any", "later-programs")))
+    #: aging: a program's turn queues as if it arrived at most this many
+    #: re-prefills of its context before the turn itself (None: back to the
+    #: program's first arrival, Continuum's unbounded order), so a short
+    #: program that arrives behind long ones is not starved. Live engines
+    #: take the tighter of this and the operator's KitConfig bound.
+    max_queue_jump_prefills: float | None = None
 
+
+#: kvttl's aging bound (SchedulingPolicy.max_queue_jump_prefills).
+KVTTL_QUEUE_JUMP_PREFILLS = 30.0
 
 # ---- registry -----------------------------------------------------------------
 
@@ -108,14 +126,19 @@ def get_policy(name: str, **engine_facts) -> SchedulingPolicy:
 
 
 def _kvttl(**_):
-    ttl = ContinuumTTL()
-    ttl.name = "kvttl"
     return SchedulingPolicy(
         name="kvttl",
-        description="Continuum's tau*, program FCFS and revocation, and unpinned blocks offloaded to host DRAM",
-        ttl=ttl, queue_order=program_fcfs, revocation=latest_program_first,
-        offload="on_unpin", revokes="later-programs",
+        description="tau* that caps hints by evidence, program FCFS with aging, unpinned blocks offloaded to host DRAM",
+        ttl=KvttlTTL(), queue_order=program_fcfs, revocation=latest_program_first,
+        offload="on_unpin", revokes="later-programs", max_queue_jump_prefills=KVTTL_QUEUE_JUMP_PREFILLS,
     )
+
+
+def _oracle(future=None, **facts):
+    """kvttl's bundle with the clairvoyant TTL: the bound for any TTL rule on
+    the same engine, queue order and host tier."""
+    return attrs.evolve(_kvttl(**facts), name="oracle", ttl=OracleTTL(future),
+                        description="clairvoyant bound: kvttl with each tool's true duration known")
 
 
 register_policy("vllm", lambda **_: SchedulingPolicy(
@@ -139,5 +162,7 @@ register_policy("continuum", lambda **_: SchedulingPolicy(
     ttl=ContinuumTTL(), queue_order=program_fcfs, revocation=latest_program_first,
     revokes="later-programs"))
 register_policy("kvttl", _kvttl)
+register_policy("oracle", _oracle)
 
-DEFAULT_POLICIES = ["vllm", "vllm-lmcache", "autellix", "infercept", "continuum-preview", "continuum", "kvttl"]
+DEFAULT_POLICIES = ["vllm", "vllm-lmcache", "autellix", "infercept", "continuum-preview", "continuum", "kvttl",
+                    "oracle"]

@@ -16,7 +16,7 @@ string:
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import attrs
 import numpy as np
@@ -32,6 +32,8 @@ __all__ = [
     "ContinuumPreviewTTL",
     "ContinuumTTL",
     "InferCeptTTL",
+    "KvttlTTL",
+    "OracleTTL",
     "continuum_tau",
 ]
 
@@ -202,6 +204,30 @@ class ContinuumTTL(TTLPolicy):
         self.correlation.add_program(num_turns)
 
 
+class KvttlTTL(ContinuumTTL):
+    """Continuum's tau*, but a client's hint is believed only as far as the
+    evidence allows: once a tool's durations are known (its own or the
+    global estimate, not the prior), a hint is cut to the 99th percentile of
+    what that tool has taken. A hint of an hour for a tool that has never
+    taken ten seconds pins for ten seconds, not an hour; a shorter hint is
+    kept (the client may know its program ends early)."""
+
+    name = "kvttl"
+
+    #: a hint is cut to this quantile of the tool's observed durations
+    hint_quantile = 0.99
+
+    def ttl(self, turn: TurnContext) -> float:
+        hint = turn.hint_ttl_s
+        if not self.honor_hints or hint is None:
+            return super().ttl(turn)
+        if self.estimator.stage(turn.tool) == "prior":
+            return hint
+        support = self.estimator.cdf(turn.tool).support
+        bound = float(np.quantile(support, self.hint_quantile)) if len(support) else hint
+        return min(hint, bound)
+
+
 class InferCeptTTL(ContinuumTTL):
     """InferCept-style choice per interception: preserve, discard or swap,
     whichever wastes the least memory x time.
@@ -229,3 +255,43 @@ class InferCeptTTL(ContinuumTTL):
 
     def offload(self, turn: TurnContext) -> bool:
         return self._choice(turn) == "swap"
+
+
+#: (program_id, turn_index) -> seconds until the program's next turn arrives,
+#: or None when the turn is its last: what only a replay knows.
+Future = Callable[[object, int], "float | None"]
+
+
+class OracleTTL(ContinuumTTL):
+    """The clairvoyant TTL: Continuum's rule (Eq. 2) with the future known.
+
+    It knows each tool call's true duration d and whether another turn
+    follows (eta = 1 or 0), so the argmax of ``F(tau) * value - tau`` is
+    tau = d when d < value and 0 otherwise: it pins exactly the turns whose
+    pin pays, for exactly as long as their tool takes -- no pin waits for a
+    turn that never comes, none expires a moment before its turn. ``value``
+    is what a hit saves, T + Reload(r), with T learned as Continuum learns it.
+    It bounds any TTL rule of that cost model on the same engine, queue order
+    and host tier; client hints are ignored (it knows better).
+
+    ``future`` is given by a replay (the simulator); no live engine has one."""
+
+    name = "oracle"
+
+    def __init__(self, future: Future):
+        if not callable(future):
+            raise BadArgumentError("the oracle policy is clairvoyant: it needs the replay's future "
+                                   "(only `kvttl simulate` has one; a live engine cannot run it)")
+        super().__init__(honor_hints=False)
+        self.future = future
+
+    def ttl(self, turn: TurnContext) -> float:
+        duration = self.future(turn.program_id, turn.turn_index)
+        if duration is None or duration >= self.evicted_delay.mean() + turn.reload_s:
+            return 0.0
+        return duration + _ORACLE_SLACK_S
+
+
+#: An oracle's pin outlives its tool by this much, so a turn arriving at
+#: the deadline's instant still finds it.
+_ORACLE_SLACK_S = 1e-6

@@ -13,11 +13,12 @@ from kvttl.sim.workload import (
     get_workload,
     load_trace,
     load_workload_spec,
+    replay_future,
 )
 
 __all__ = [
     "PRESETS", "CostModel", "GpuSpec", "ModelSpec", "get_preset",
     "EngineConfig", "RunResult", "Simulator",
     "WORKLOADS", "Program", "ToolSpec", "Turn", "WorkloadSpec", "generate", "get_workload", "load_trace",
-    "load_workload_spec",
+    "load_workload_spec", "replay_future",
 ]

@@ -531,9 +531,18 @@ class Simulator:
                 if c > 0:
                     chunks.append((req, c))
                     budget -= c
-            self._no_admit_once = False
+            admission_skipped, self._no_admit_once = self._no_admit_once, False
 
             if not chunks and not decodes:
+                # Requests wait and nothing runs: if no reload is in flight,
+                # pins are what holds the memory, and the kit's stall rule
+                # (EngineKit.step, as vLLM's adapter drives it) gives leases
+                # back -- under any queue order, whoever may revoke whom.
+                if admission_skipped:  # a preemption just freed blocks: admit from them first
+                    continue
+                if self.kit.num_leases and not any(r.ready_at > self.now for r in self.running):
+                    self.kit.step(scheduled=False)
+                    continue
                 nxt = self._next_event_time()
                 if not math.isfinite(nxt):
                     raise RuntimeError("engine stalled: requests wait but nothing can run or arrive")
@@ -549,6 +558,7 @@ class Simulator:
                     k = max(1, min(k, math.ceil(horizon / self._step_time([], decodes))))
                 k = self._fit_decode_span(decodes, k)
 
+            self.kit.step(scheduled=True)
             dt = self._step_time(chunks, decodes, k) * k
             self._advance(dt)
             self.c["steps"] += k

@@ -26,7 +26,7 @@ from kvttl.policy import parse_ttl
 
 __all__ = [
     "Turn", "Program", "ToolSpec", "WorkloadSpec", "WORKLOADS", "get_workload", "load_workload_spec",
-    "generate", "load_trace", "poisson_arrivals",
+    "generate", "load_trace", "poisson_arrivals", "replay_future",
 ]
 
 
@@ -50,6 +50,18 @@ class Program:
     turns: tuple[Turn, ...]
     #: leading tokens shared by every program of the workload (a system prompt)
     shared_prefix_tokens: int = 0
+
+
+def replay_future(programs: list[Program]):
+    """The oracle's knowledge of a replay: (program id, turn index) -> seconds
+    until that program's next turn, None after its last."""
+    by_id = {p.program_id: p.turns for p in programs}
+
+    def future(program_id, turn_index):
+        turns = by_id[program_id]
+        return turns[turn_index].tool_duration_s if turn_index < len(turns) - 1 else None
+
+    return future
 
 
 @attrs.frozen(kw_only=True)
