@@ -43,20 +43,55 @@ def run(programs, policy, *, blocks=None, host_gb=0.0, jps=0.2):
 # ---- cost model --------------------------------------------------------------------------
 
 def test_gpu_blocks_from_memory():
-    usable = 80e9 * 0.9 - 4 * 1024**3 - 8.03e9 * 2
+    usable = 81559 * 1024**2 * 0.9 - 4 * 1024**3 - 8.03e9 * 2  # the 80 GB part: 81559 MiB
     assert H100.num_gpu_blocks(16) == int(usable // (2 * 32 * 8 * 128 * 2 * 16))
     assert PRESETS["llama-3.1-70b-4xh100"].num_gpu_blocks(16) > 0
 
 
 def test_step_time_roofline():
     # one decode token, no KV: weights streamed once, plus the step overhead
-    assert H100.step_s(1, 0, 0) == pytest.approx(8.03e9 * 2 / (3.35e12 * 0.8) + 1e-3)
+    assert H100.step_s(1, 0, 0) == pytest.approx(8.03e9 * 2 / (3.35e12 * 0.7) + 1e-3)
     # a big prefill chunk is compute-bound
     t = H100.step_s(8192, 8192 * 4096, 8192)
-    assert t == pytest.approx((2 * 8.03e9 * 8192 + 4 * 32 * 32 * 128 * 8192 * 4096) / (989.4e12 * 0.6) + 1e-3)
+    assert t == pytest.approx((2 * 8.03e9 * 8192 + 4 * 32 * 32 * 128 * 8192 * 4096) / (989.4e12 * 0.4) + 1e-3)
     assert PRESETS["llama-3.1-8b-h200"].step_s(64, 0, 64 * 30000) < H100.step_s(64, 0, 64 * 30000)
     tp = PRESETS["llama-3.1-70b-4xh100"]
     assert tp.step_s(512, 0, 0) > 0
+
+
+def test_the_cost_model_matches_measured_engines():
+    """Issue #13 item 3: 8B/H100 prefilled 32.5k tokens/s (vLLM measures
+    15-22k) and 70B/4xH100 decoded in 15.8 ms/token (measured: 20-25)."""
+    prefill = 8192 / H100.step_s(8192, 8192 * (4096 + 4096), 8192 + 4096)
+    assert 15e3 <= prefill <= 22e3
+    decode_70b = PRESETS["llama-3.1-70b-4xh100"].step_s(1, 2000, 2000)
+    assert 20e-3 <= decode_70b <= 25e-3
+
+
+def test_concurrent_host_reloads_share_the_link():
+    """Two programs back from their tools at once, both contexts evicted
+    meanwhile and on the host tier: the second reload waits for the first
+    (one host link per GPU; each had the whole link before)."""
+    turns = (Turn(prompt_tokens=16000, output_tokens=16, tool="t", tool_duration_s=5.0),
+             Turn(prompt_tokens=16100, output_tokens=16))
+    programs = [Program(program_id=0, arrival_s=0.0, turns=turns), Program(program_id=1, arrival_s=0.0, turns=turns),
+                Program(program_id=2, arrival_s=1.0, turns=(Turn(prompt_tokens=32000, output_tokens=16),))]
+    config = EngineConfig(num_gpu_blocks=2100, host_tier_gb=64.0, max_num_batched_tokens=32768)  # one step each
+    sim = Simulator(programs, get_policy("vllm-lmcache"), H100, config, jps=1.0)
+    reloads = []
+    admit = sim._try_admit
+
+    def recording(req, budget):
+        chunk = admit(req, budget)
+        if chunk == 0 and req.turn == 1:
+            reloads.append(req.ready_at - sim.now)
+        return chunk
+
+    sim._try_admit = recording
+    result = sim.run()
+    assert result.host_reloaded_tokens > 0 and len(reloads) == 2
+    one = H100.host_reload_s(999 * 16)  # the blocks before the one holding the last prompt token
+    assert reloads[0] == pytest.approx(one, rel=0.01) and reloads[1] == pytest.approx(2 * one, rel=0.01)
 
 
 def test_reload_model_matches_chunked_prefill_cost():
@@ -265,7 +300,7 @@ def test_the_oracle_bounds_the_table_and_never_lets_a_pin_expire(capsys):
     assert main(["simulate", "--programs", "12", "--jps", "0.3", "--policies", "vllm,kvttl,oracle",
                  "--workers", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "best at 0.3 jps: oracle" not in out and "oracle (a clairvoyant bound, not a choice)" in out
+    assert "best at 0.3 jps: oracle" not in out and "oracle (a clairvoyant bound on TTLs, not a choice): mean JCT" in out
 
 
 def pressure_scenario():

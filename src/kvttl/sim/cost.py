@@ -64,13 +64,17 @@ class GpuSpec:
     interconnect_bytes_per_s: float = attrs.field(default=450 * GB, validator=_positive)
 
 
-# Sources. H100 SXM5: 989.4 TFLOP/s dense BF16, 3.35 TB/s HBM3, 80 GB (NVIDIA H100
-# datasheet). H200 SXM: same compute, 4.8 TB/s HBM3e, 141 GB (NVIDIA H200 datasheet).
-# Host link: PCIe Gen5 x16, ~50 GB/s achieved with large pinned copies (DESIGN.md §5).
-# NVLink 4: 450 GB/s per direction per GPU. Llama 3.1 shapes from the HF configs.
-H100 = GpuSpec(name="H100-SXM", peak_flops=989.4e12, hbm_bytes_per_s=3.35e12, memory_bytes=80 * GB,
+# Sources. H100 SXM5: 989.4 TFLOP/s dense BF16, 3.35 TB/s HBM3 (NVIDIA H100 datasheet);
+# 81559 MiB of memory, as nvidia-smi and torch.cuda.mem_get_info report it for the "80 GB"
+# part (the datasheet's GB are 2^30 bytes, not 10^9). H200 SXM: same compute, 4.8 TB/s
+# HBM3e (NVIDIA H200 datasheet), 143771 MiB as nvidia-smi reports it for the "141 GB" part.
+# Host link: PCIe Gen5 x16, ~50 GB/s achieved with large pinned copies (DESIGN.md §5), one
+# link per GPU shared by every copy in flight. NVLink 4: 450 GB/s per direction per GPU.
+# Llama 3.1 shapes from the HF configs.
+MiB = 1024**2
+H100 = GpuSpec(name="H100-SXM", peak_flops=989.4e12, hbm_bytes_per_s=3.35e12, memory_bytes=81559 * MiB,
                host_bytes_per_s=50 * GB)
-H200 = GpuSpec(name="H200-SXM", peak_flops=989.4e12, hbm_bytes_per_s=4.8e12, memory_bytes=141 * GB,
+H200 = GpuSpec(name="H200-SXM", peak_flops=989.4e12, hbm_bytes_per_s=4.8e12, memory_bytes=143771 * MiB,
                host_bytes_per_s=50 * GB)
 LLAMA_8B = ModelSpec(name="Llama-3.1-8B", num_params=8.03e9, num_layers=32, hidden_size=4096,
                      num_heads=32, num_kv_heads=8, head_dim=128)
@@ -83,15 +87,20 @@ class CostModel:
     model: ModelSpec
     gpu: GpuSpec
     tp: int = attrs.field(default=1, validator=_positive)
-    #: Achieved fraction of peak FLOP/s in prefill-heavy steps. Assumption: 0.6 is in
-    #: the range vLLM reaches on H100 for 8B-70B dense models.
-    mfu: float = 0.6
-    #: Achieved fraction of HBM bandwidth in decode-heavy steps. Assumption: 0.8.
-    mbu: float = 0.8
+    #: Achieved fraction of peak FLOP/s in prefill-heavy steps. Calibrated: 0.4 gives
+    #: Llama-3.1-8B on one H100 about 21.7k prefill tokens/s on 8k-token chunks, the top of
+    #: the 15-22k tokens/s vLLM measures there (0.6 gave 32.5k, 1.5-2x too fast, which made
+    #: re-prefill cheap and flattered the policies that do not pin; issue #13 review).
+    mfu: float = 0.4
+    #: Achieved fraction of HBM bandwidth in decode-heavy steps. Calibrated with the
+    #: all-reduce latency below: 8B/H100 decodes a lone request in about 7.9 ms/token and
+    #: 70B/4xH100 in about 20 ms (measurements give 20-25 ms; 0.8 and 10 us gave 15.8).
+    mbu: float = 0.7
     #: Scheduler and launch overhead per step. Assumption: 1 ms (vLLM V1 order of magnitude).
     step_overhead_s: float = 1e-3
-    #: Latency of one all-reduce under tensor parallelism. Assumption: 10 us.
-    allreduce_latency_s: float = 10e-6
+    #: Latency of one all-reduce under tensor parallelism (two per layer). Assumption:
+    #: 25 us, NCCL's small-message all-reduce on 4 NVLink GPUs without CUDA-graph fusion.
+    allreduce_latency_s: float = 25e-6
     #: Share of GPU memory the engine may use (vLLM's gpu_memory_utilization default).
     memory_utilization: float = 0.9
     #: Activations, CUDA graphs and workspace, per GPU. Assumption: 4 GiB.

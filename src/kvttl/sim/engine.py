@@ -215,6 +215,7 @@ class Simulator:
         self._admit_seq = 0
         self._keys = 0
         self.freed_version = 0  # bumped whenever blocks may have become free
+        self.host_link_free_at = 0.0  # when the host->GPU link finishes the reloads queued on it
         self._blocked: tuple | None = None
         self._no_admit_once = False
         # counters (lease events are the kit's)
@@ -364,8 +365,9 @@ class Simulator:
         req.blocks = hit + new
         req.hashed = len(hit)
         req.computed = computed
-        if host_hit:
-            req.ready_at = self.now + self.cost.host_reload_s(host_hit * bs)
+        if host_hit:  # reloads share the host link: each starts when the one before it is done
+            req.ready_at = max(self.now, self.host_link_free_at) + self.cost.host_reload_s(host_hit * bs)
+            self.host_link_free_at = req.ready_at
             self._register_full(req)  # reloaded blocks hold their content now
             chunk = 0
         if req.first_scheduled is None:

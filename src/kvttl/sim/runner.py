@@ -218,8 +218,8 @@ def format_tables(report: dict) -> str:
         else:
             lines.append(f"{'':>6} best at {load_text(jps)}: {best['policy']} ({best[key]:.2f}x vs {baseline})")
         if bound is not None and bound is not best:
-            lines.append(f"{'':>6} {bound['policy']} (a clairvoyant bound, not a choice) is "
-                         f"{best['mean_jct_s'] / bound['mean_jct_s']:.2f}x ahead of {best['policy']}")
+            lines.append(f"{'':>6} {bound['policy']} (a clairvoyant bound on TTLs, not a choice): mean JCT "
+                         f"{bound['mean_jct_s'] / best['mean_jct_s']:.2f}x {best['policy']}'s")
         lines.append("")
     top = max(cfg["loads"])
     lines.append(f"Mean JCT speedup vs {baseline} by turns per program, at {load_text(top)}:")

@@ -58,7 +58,7 @@ def replay_future(programs: list[Program]):
     by_id = {p.program_id: p.turns for p in programs}
 
     def future(program_id, turn_index):
-        turns = by_id[program_id]
+        turns = by_id.get(program_id, ())  # a request the replay did not make: nothing known
         return turns[turn_index].tool_duration_s if turn_index < len(turns) - 1 else None
 
     return future
