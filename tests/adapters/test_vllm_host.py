@@ -262,6 +262,33 @@ def test_host_index_forgets_failed_copies():
     assert host.match(hashes) == [] and host.num_filled == 0
 
 
+def test_host_index_reset_forgets_everything_unless_a_copy_is_queued():
+    host = HostIndex(4)
+    hashes = chain(b"r", 3)
+    host.offload([1, 2, 3], hashes)
+    assert host.reset() is False  # this step's copies hold their slots: refused, nothing lost
+    host.take()
+    assert host.reset() is True
+    assert host.match(hashes) == [] and host.num_filled == 0 and host.pool.num_free == 4
+
+
+def test_reset_connector_clears_the_host_tier(engine):
+    """Issue #17: reset_prefix_cache(reset_connector=True) (a weight update's
+    cache-clearing cascade) left every host copy in place, so a context
+    computed with the old weights was reloaded afterwards."""
+    llm, connector, pool = engine
+    first = tokens(2000)
+    out = turn(llm, first, program_id="reset-a", tool="bash", ttl="0.5s")
+    assert out.kv_transfer_params["kvttl"]["lease_granted"]
+    time.sleep(1.0)
+    background(llm)  # expiry copies the lease out; the traffic evicts its device blocks
+    assert connector._host.num_filled > 0
+    assert llm.reset_prefix_cache(reset_connector=True) is True
+    assert connector._host.num_filled == 0
+    back = turn(llm, first + list(out.outputs[0].token_ids) + tokens(50), program_id="reset-a", last_turn=True)
+    assert back.num_cached_tokens < BLOCK, "a host copy outlived the reset"
+
+
 def test_worker_meta_counts_a_batch_done_only_where_no_worker_failed():
     merged = KvttlWorkerMeta(done={1, 2}, failed=set()).aggregate(KvttlWorkerMeta(done={1}, failed={2}))
     assert merged.done == {1} and merged.failed == {2}

@@ -231,6 +231,17 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         # (vLLM sets request.num_computed_tokens only after this call.)
         self.kit.admitted(rid, device_hit_tokens=local_hit)
 
+    def reset_cache(self) -> bool | None:
+        """vLLM's ``reset_prefix_cache(reset_connector=True)``: the host tier
+        forgets every copy (leases are device blocks: the prefix-cache reset
+        itself drops them). None without a host tier: nothing to reset."""
+        if self._host is None:
+            return None
+        reset = self._host.reset()
+        if not reset:
+            logger.warning("kvttl: host tier reset refused: copies of this step still hold slots")
+        return reset
+
     def request_finished(self, request, block_ids):
         return self.request_finished_all_groups(request, (block_ids,))
 

@@ -178,6 +178,19 @@ class HostIndex:
             if self._content.pop(slot, None) is not None and self.pool.ref_count(slot) == 0:
                 self.pool.evict([slot])
 
+    def reset(self) -> bool:
+        """Forgets every host copy (vLLM's ``reset_prefix_cache(reset_connector=True)``,
+        as after a weight update). Refused -- False, nothing changed -- while
+        this step's copies hold slots, as vLLM's device pool refuses while
+        blocks are in use."""
+        if self.pool.num_referenced:
+            return False
+        cached = [slot for slot in self._content if self.pool.ref_count(slot) == 0]
+        if cached:
+            self.pool.evict(cached)
+        self._content.clear()
+        return True
+
     @property
     def num_filled(self) -> int:
         """Slots holding content (or about to, this step)."""
