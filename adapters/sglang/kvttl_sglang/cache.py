@@ -41,7 +41,7 @@ import attrs
 import torch
 
 from kvttl.errors import BadArgumentError
-from kvttl.kit import EngineKit, KitConfig, load_config as load_kit_config, payload_from_envelope, read_hints
+from kvttl.kit import EngineKit, KitConfig, hint_report, load_config as load_kit_config, payload_from_envelope, read_hints
 from kvttl.policy import TurnHints
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
@@ -77,12 +77,26 @@ def isolation_key(req) -> str:
     return f"{extra}\0{salt}" if extra or salt else ""
 
 
-def turn_hints(req) -> TurnHints | None:
+def turn_hints(req, errors: list | None = None) -> TurnHints | None:
     """The kvttl hints a request carries in ``kv_hints`` (action type
-    ``kvttl.turn``), or None. Bad hints are dropped with a warning."""
+    ``kvttl.turn``), or None. Bad hints are dropped with a warning (and why,
+    appended to ``errors``)."""
     return read_hints(payload_from_envelope(getattr(req, "kv_hints", None)), log=logger,
                       request=getattr(req, "rid", "?"), tenant=isolation_key(req),
-                      quota=getattr(req, "extra_key", None) or "")
+                      quota=getattr(req, "extra_key", None) or "", errors=errors)
+
+
+#: The key of the lease report in SGLang's response ``meta_info`` (a
+#: request-level ``customized_info`` entry: plugin.py marks it so).
+REPORT_KEY = "kvttl"
+
+
+def _report(req, report: dict) -> None:
+    """Puts the turn's lease report where SGLang carries per-request output
+    fields to the client: ``meta_info["kvttl"]`` is ``[report]``."""
+    info = req.customized_info if req.customized_info is not None else {}
+    info[REPORT_KEY] = [report]
+    req.customized_info = info
 
 
 _UNPARSED = object()
@@ -95,7 +109,9 @@ def _hints_of(req) -> TurnHints | None:
         return None
     hints = getattr(req, "_kvttl_hints", _UNPARSED)
     if hints is _UNPARSED:
-        hints = req._kvttl_hints = turn_hints(req)
+        errors = []
+        hints = req._kvttl_hints = turn_hints(req, errors)
+        req._kvttl_hint_errors = errors
     return hints
 
 
@@ -206,8 +222,13 @@ class KvttlRadixCache(UnifiedRadixCache):
         super().on_release(req, checkpointed=checkpointed)
         if req.kv_hints is None or not req.finished():  # not finished: a retraction, the turn goes on
             return
-        if self.kit.turn(req.rid) is None:
+        turn = self.kit.turn(req.rid)
+        if turn is None:
+            errors = getattr(req, "_kvttl_hint_errors", None)
+            if errors:  # its hints were unusable: the client learns why, not only the log
+                _report(req, hint_report(errors))
             return
+        hints = turn.hints
         now = self.tick()
         now = self._now() if now is None else now  # deadlines and policy inputs: agreed values only
         if req.rid in self._waiting:  # it ran and finished between two looks
@@ -221,6 +242,7 @@ class KvttlRadixCache(UnifiedRadixCache):
             req.rid, blocks=pages, num_tokens=len(req.origin_input_ids) + len(req.output_ids),
             free_blocks=min(self.kit.num_blocks, free_tokens // self._page), pin_ref=node,
             aborted=isinstance(req.finished_reason, FINISH_ABORT), now=now)
+        _report(req, req._kvttl_outcome.report(hints))
 
     def evict(self, params: EvictParams) -> EvictResult:
         return self._evict_with_leases(params, lambda p: super(KvttlRadixCache, self).evict(p))

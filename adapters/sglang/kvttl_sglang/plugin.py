@@ -8,7 +8,9 @@ Scheduling uses SGLang's hook registry: after ``SchedulePolicy.calc_priority``
 sorts the waiting queue, and only when the tree cache is kvttl's and the
 policy is ``fcfs`` (SGLang's default), the queue is re-sorted at program
 level (pinned programs first, then by the program's first arrival) and, if its
-head cannot fit, leases of later programs are revoked.
+head cannot fit, leases of later programs are revoked. A second hook marks
+the lease report (``customized_info["kvttl"]``, set when a turn finishes) as
+one value per request, so it reaches the client as ``meta_info["kvttl"]``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ logger = logging.getLogger("kvttl.sglang")
 
 BACKEND_NAME = "kvttl"
 CALC_PRIORITY = "sglang.srt.managers.schedule_policy.SchedulePolicy.calc_priority"
+REQUEST_LEVEL_KEY = ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
+                     "is_request_level_customized_info_key")
 
 _registered = False
 
@@ -48,6 +52,14 @@ def after_calc_priority(result, policy, waiting_queue, running_batch=None, proce
     return result
 
 
+def after_is_request_level_key(result, streamer, key):
+    """AFTER hook: the lease report (``customized_info["kvttl"]``) is one value
+    per request, sent once it finishes, not a value per output token."""
+    from kvttl_sglang.cache import REPORT_KEY
+
+    return True if key == REPORT_KEY else result
+
+
 def register() -> None:
     """Entry point: register the backend and the scheduling hook (idempotent)."""
     global _registered
@@ -59,5 +71,6 @@ def register() -> None:
     if get_radix_cache_factory(BACKEND_NAME) is None:
         register_radix_cache_backend(BACKEND_NAME, create_cache)
     HookRegistry.register(CALC_PRIORITY, after_calc_priority, HookType.AFTER)
+    HookRegistry.register(REQUEST_LEVEL_KEY, after_is_request_level_key, HookType.AFTER)
     _registered = True
     logger.info("kvttl: radix cache backend %r registered", BACKEND_NAME)

@@ -270,3 +270,32 @@ def test_a_bad_hint_warns_once_however_often_the_request_is_looked_at(caplog):
     assert caplog.text.count("ttl ignored") == 1
     cache.release_all_leases()
     assert_no_leak(cache)
+
+
+def test_the_response_says_why_a_turn_holds_no_lease():
+    """Issue #17 item 6 on SGLang: there was no response field for the lease
+    (only ``req._kvttl_outcome``). The report rides on SGLang's
+    ``customized_info``, which reaches the client as ``meta_info["kvttl"]``."""
+    cache = make_cache(tokens=256, config={"pinned_share_cap": 0.1})  # at most 25 tokens pinned
+    granted = run_turn(cache, tokens(1, 10), 4, program_id="A", ttl="30s").req
+    (report,) = granted.customized_info["kvttl"]
+    assert report["lease_granted"] is True and report["ttl_s"] == 30.0
+    assert report["lease_id"] == granted._kvttl_outcome.lease_id and report["num_blocks"] == 14
+    capped = run_turn(cache, tokens(2, 40), 4, program_id="B", ttl="30s").req
+    (report,) = capped.customized_info["kvttl"]
+    assert report["lease_granted"] is False and report["reason"] == "cap"
+    last = run_turn(cache, tokens(3, 10), 4, program_id="C", last_turn=True).req
+    assert last.customized_info["kvttl"][0]["reason"] == "last_turn"
+    bad = Turn(cache, tokens(4, 10), 4, hints=make_kv_hints("D", ttl="forever")).arrive().admit().finish().req
+    (warning,) = bad.customized_info["kvttl"][0]["hint_warnings"]
+    assert warning.startswith("ttl ignored") and "forever" in warning
+    hints = {"protocol_version": "1", "message_id": "m",
+             "actions": [{"action_id": "k", "action_type": "kvttl.turn", "action_version": "1",
+                          "payload": {"program_id": ["x"]}}]}
+    unusable = Turn(cache, tokens(5, 10), 4, hints=hints).arrive().admit().finish().req
+    (report,) = unusable.customized_info["kvttl"]
+    assert report["reason"] == "hint_invalid" and "program_id" in report["hint_errors"][0]
+    plain = Turn(cache, tokens(6, 10), 4).arrive().admit().finish().req
+    assert plain.customized_info is None  # no kvttl hints: the response is SGLang's own
+    cache.release_all_leases()
+    assert_no_leak(cache)

@@ -89,3 +89,18 @@ def test_expiry_is_identical_on_every_tp_rank_when_ranks_run_apart():
     mp.spawn(_tp_rank, args=(2, port, lags, results), nprocs=2, join=True)
     assert results[0] == results[1], (results[0], results[1])
     assert results[0][2] == (0, 1)  # both expired it at the call where rank 1 was past the deadline
+
+
+def test_the_lease_report_is_one_value_per_request_in_sglangs_output():
+    """Without the hook SGLang slices customized_info per output token, and
+    the one-element report would be cut away from all but the first token."""
+    from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from kvttl_sglang import plugin
+
+    plugin.register()
+    HookRegistry.apply_hooks()
+    is_request_level = SchedulerOutputStreamer.is_request_level_customized_info_key
+    assert is_request_level(None, "kvttl") is True
+    assert is_request_level(None, "something_else") is False  # SGLang's own answer for other keys
