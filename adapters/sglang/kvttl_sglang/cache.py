@@ -185,6 +185,29 @@ class KvttlRadixCache(UnifiedRadixCache):
             now = float(t.item())
         return now
 
+    #: on an idle scheduler, leases are checked every this many idle loop
+    #: iterations (SGLang's loop polls for requests while idle: thousands a
+    #: second, or one a second with --sleep-on-idle)
+    idle_tick_every = 64
+
+    def on_idle(self) -> None:
+        """SGLang's scheduler found nothing to run (plugin.py's hook on
+        ``Scheduler.on_idle``): due leases expire now, not at the next request.
+        The gate is an iteration count, not a clock: tensor-parallel ranks run
+        the loop in lockstep, so all of them reach the agreed clock's
+        collective at the same iteration."""
+        if not self.kit.num_leases or self.pp_size > 1:  # pipeline stages idle apart: not in lockstep
+            self._idle_iterations = 0
+            return
+        self._idle_iterations = getattr(self, "_idle_iterations", 0) + 1
+        if self._idle_iterations >= self.idle_tick_every or self._sleeps_on_idle:
+            self._idle_iterations = 0
+            self.tick()
+
+    #: set by the plugin when SGLang sleeps while idle (each iteration then
+    #: waits up to a second for a request): check at every idle iteration
+    _sleeps_on_idle = False
+
     def tick(self) -> float | None:
         """Drop due leases and notice admissions; the agreed time, or None when
         there was nothing to do (and no clock was read)."""

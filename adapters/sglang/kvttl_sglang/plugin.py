@@ -11,6 +11,7 @@ level (pinned programs first, then by the program's first arrival) and, if its
 head cannot fit, leases of later programs are revoked. A second hook marks
 the lease report (``customized_info["kvttl"]``, set when a turn finishes) as
 one value per request, so it reaches the client as ``meta_info["kvttl"]``.
+A third, after ``Scheduler.on_idle``, expires leases on an idle server.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ logger = logging.getLogger("kvttl.sglang")
 
 BACKEND_NAME = "kvttl"
 CALC_PRIORITY = "sglang.srt.managers.schedule_policy.SchedulePolicy.calc_priority"
+ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 REQUEST_LEVEL_KEY = ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
                      "is_request_level_customized_info_key")
 
@@ -60,6 +62,17 @@ def after_is_request_level_key(result, streamer, key):
     return True if key == REPORT_KEY else result
 
 
+def after_on_idle(result, scheduler, *args, **kwargs):
+    """AFTER hook of Scheduler.on_idle: an idle server expires leases on time."""
+    from kvttl_sglang.cache import KvttlRadixCache
+
+    cache = getattr(scheduler, "tree_cache", None)
+    if isinstance(cache, KvttlRadixCache):
+        cache._sleeps_on_idle = getattr(scheduler, "idle_sleeper", None) is not None
+        cache.on_idle()
+    return result
+
+
 def register() -> None:
     """Entry point: register the backend and the scheduling hook (idempotent)."""
     global _registered
@@ -72,5 +85,6 @@ def register() -> None:
         register_radix_cache_backend(BACKEND_NAME, create_cache)
     HookRegistry.register(CALC_PRIORITY, after_calc_priority, HookType.AFTER)
     HookRegistry.register(REQUEST_LEVEL_KEY, after_is_request_level_key, HookType.AFTER)
+    HookRegistry.register(ON_IDLE, after_on_idle, HookType.AFTER)
     _registered = True
     logger.info("kvttl: radix cache backend %r registered", BACKEND_NAME)

@@ -104,3 +104,30 @@ def test_the_lease_report_is_one_value_per_request_in_sglangs_output():
     is_request_level = SchedulerOutputStreamer.is_request_level_customized_info_key
     assert is_request_level(None, "kvttl") is True
     assert is_request_level(None, "something_else") is False  # SGLang's own answer for other keys
+
+
+def test_an_idle_server_expires_leases_on_time():
+    """Issue #17 item 5 on SGLang: an idle server kept expired leases until its
+    next request. SGLang's idle loop now ticks the lease table (every
+    idle_tick_every iterations: a count every TP rank agrees on)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from kvttl_sglang import plugin
+
+    plugin.register()
+    HookRegistry.apply_hooks()
+    assert any(hook is plugin.after_on_idle for _, hook, _ in HookRegistry._hooks[plugin.ON_IDLE])
+    clock = FakeClock()
+    cache = make_cache(tokens=128, clock=clock)
+    run_turn(cache, tokens(1, 30), 4, program_id="A", ttl="2s")
+    assert cache.num_leases == 1
+    clock.t += 1.0
+    for _ in range(2 * cache.idle_tick_every):
+        cache.on_idle()
+    assert cache.num_leases == 1  # not due yet
+    clock.t += 1.5
+    for _ in range(cache.idle_tick_every - 1):
+        cache.on_idle()
+    assert cache.num_leases == 1  # between two checks
+    cache.on_idle()
+    assert cache.num_leases == 0 and cache.stats["expired"] == 1 and cache.protected_size() == 0
