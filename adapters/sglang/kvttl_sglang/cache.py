@@ -41,7 +41,8 @@ import attrs
 import torch
 
 from kvttl.errors import BadArgumentError
-from kvttl.kit import EngineKit, KitConfig, hint_report, load_config as load_kit_config, payload_from_envelope, read_hints
+from kvttl.kit import EngineKit, KitConfig, hint_report, payload_from_envelope, read_hints
+from kvttl.kit import load_config as load_kit_config
 from kvttl.policy import TurnHints
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
@@ -166,6 +167,10 @@ class KvttlRadixCache(UnifiedRadixCache):
                              clock=self._now)
         # request id -> request, for hinted requests not yet seen holding their lock
         self._waiting: dict[str, object] = {}
+        self._idle_iterations = 0  # idle loop iterations since leases were last checked
+        # set by the plugin when SGLang sleeps while idle (an iteration then
+        # waits up to a second for a request): check at every idle iteration
+        self._sleeps_on_idle = False
         logger.info("kvttl radix cache: policy %s, pinned-share cap %.2f, %d pages",
                     self.kvttl_config.policy, self.kvttl_config.pinned_share_cap, num_pages)
 
@@ -199,14 +204,10 @@ class KvttlRadixCache(UnifiedRadixCache):
         if not self.kit.num_leases or self.pp_size > 1:  # pipeline stages idle apart: not in lockstep
             self._idle_iterations = 0
             return
-        self._idle_iterations = getattr(self, "_idle_iterations", 0) + 1
+        self._idle_iterations += 1
         if self._idle_iterations >= self.idle_tick_every or self._sleeps_on_idle:
             self._idle_iterations = 0
             self.tick()
-
-    #: set by the plugin when SGLang sleeps while idle (each iteration then
-    #: waits up to a second for a request): check at every idle iteration
-    _sleeps_on_idle = False
 
     def tick(self) -> float | None:
         """Drop due leases and notice admissions; the agreed time, or None when
