@@ -538,17 +538,14 @@ class EngineKit:
         or else ``config.max_queue_jump_prefills`` re-prefills of its context)
         and the policy's aging (``policy.max_queue_jump_prefills``)."""
         config = self.config
-        prefill_s = None
-        bounds = []
-        if config.max_queue_jump_s is not None:
-            bounds.append(config.max_queue_jump_s)
-        for prefills in (None if config.max_queue_jump_s is not None else config.max_queue_jump_prefills,
-                         self.policy.max_queue_jump_prefills):
-            if prefills is not None:
-                if prefill_s is None:
-                    prefill_s = self.reload.prefill_s(max(program.context_tokens, self.block_size))
-                bounds.append(prefills * prefill_s)
-        return min(bounds) if bounds else None
+        in_seconds = config.max_queue_jump_s
+        in_prefills = [n for n in (config.max_queue_jump_prefills if in_seconds is None else None,
+                                   self.policy.max_queue_jump_prefills) if n is not None]
+        bounds = [] if in_seconds is None else [in_seconds]
+        if in_prefills:
+            prefill_s = self.reload.prefill_s(max(program.context_tokens, self.block_size))
+            bounds += [n * prefill_s for n in in_prefills]
+        return min(bounds, default=None)
 
     @property
     def orders_queue(self) -> bool:

@@ -223,9 +223,8 @@ class KvttlTTL(ContinuumTTL):
             return super().ttl(turn)
         if self.estimator.stage(turn.tool) == "prior":
             return hint
-        support = self.estimator.cdf(turn.tool).support
-        bound = float(np.quantile(support, self.hint_quantile)) if len(support) else hint
-        return min(hint, bound)
+        # past the prior stage the estimate is made of samples: never empty
+        return min(hint, float(np.quantile(self.estimator.cdf(turn.tool).support, self.hint_quantile)))
 
 
 class InferCeptTTL(ContinuumTTL):

@@ -78,7 +78,7 @@ class SweepConfig:
         if not self.policies:
             raise BadArgumentError("no policies to compare")
         for name in self.policies:
-            get_policy(name, future=_no_future)
+            get_policy(name, future=replay_future([]))
         twice = sorted({name for name in self.policies if self.policies.count(name) > 1})
         if twice:
             raise BadArgumentError(f"policies: {', '.join(twice)} given more than once")
@@ -108,10 +108,6 @@ def _programs(cfg: SweepConfig, jps: float):
         return load_trace(cfg.trace, jps=None if jps == TRACE_TIMES else jps, seed=cfg.seed,
                           max_programs=cfg.num_programs)
     return generate(get_workload(cfg.workload), cfg.num_programs, jps, seed=cfg.seed)
-
-
-def _no_future(program_id, turn_index):
-    return None
 
 
 def _run_one(args) -> dict:
