@@ -23,6 +23,17 @@ tensor-parallel rank (SGLang's own contract for its cache):
                      the policy allows (later programs only, unless nothing
                      runs); a pass where the head fits reads no clock
 
+With a host tier (``host_tier_blocks`` or ``host_tier_gib``), a lease that
+expires or is revoked -- and, under the default ``on_unpin``, a turn that got
+none -- is copied to host memory while its pages are still locked, and a
+hinted request's ``match_prefix`` reloads the pages the device lost into
+fresh slots and inserts them into the tree, so SGLang sees an ordinary
+device hit. Why not SGLang's HiCache: it is the same tree class, but its host
+pool is registered with the CUDA runtime and its controller runs on device
+streams, so it cannot run (or be tested) without a GPU; and it backs up
+nodes by tree policy (on insert or on eviction), not by lease. The two are
+alternatives: kvttl refuses to start with both.
+
 Time: every decision reads one clock value per call, agreed across ranks
 (``all_reduce(MAX)`` of each rank's clock; only in calls about hinted requests
 or while leases exist), so deadlines, policy inputs and expiry are the same on
@@ -41,11 +52,12 @@ import attrs
 import torch
 
 from kvttl.errors import BadArgumentError
-from kvttl.kit import EngineKit, KitConfig, hint_report, payload_from_envelope, read_hints
+from kvttl.kit import (HOST_TIER_KEYS, EngineKit, HostIndex, KitConfig, hint_report, host_tier_slots, page_hashes,
+                       payload_from_envelope, read_hints)
 from kvttl.kit import load_config as load_kit_config
 from kvttl.policy import TurnHints
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, InsertParams
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 logger = logging.getLogger("kvttl.sglang")
@@ -58,8 +70,13 @@ CONFIG_ENV = "KVTTL_SGLANG_CONFIG"
 
 def load_config(text: str | None = None) -> KitConfig:
     """The adapter's settings from ``$KVTTL_SGLANG_CONFIG`` (or ``text``), a
-    JSON object of ``kvttl.kit.KitConfig`` keys. Unknown keys and bad values
+    JSON object of ``kvttl.kit.KitConfig`` keys and the host tier's size
+    (``host_tier_blocks`` or ``host_tier_gib``). Unknown keys and bad values
     fail here, at server start, naming the key."""
+    return _load_config(text)[0]
+
+
+def _load_config(text: str | None) -> tuple[KitConfig, dict]:
     text = os.environ.get(CONFIG_ENV, "") if text is None else text
     given = {}
     if text.strip():
@@ -67,7 +84,9 @@ def load_config(text: str | None = None) -> KitConfig:
             given = json.loads(text)
         except ValueError as e:
             raise BadArgumentError(f"{CONFIG_ENV} is not JSON: {e}") from None
-    return load_kit_config(given, source=CONFIG_ENV)[0]
+    config, extras = load_kit_config(given, source=CONFIG_ENV, extra_keys=HOST_TIER_KEYS)
+    host_tier_slots(extras, 1, source=CONFIG_ENV)  # values checked now; the size in bytes comes with the pool
+    return config, extras
 
 
 def isolation_key(req) -> str:
@@ -123,21 +142,148 @@ def _entry_time(req) -> float:
     return getattr(getattr(req, "time_stats", None), "wait_queue_entry_time", 0.0) or 0.0
 
 
+@attrs.frozen
+class _Context:
+    """What a lease pins and what a host copy of it needs: the tree node the
+    turn's insert ended on, and the tokens on the path to it (with the
+    tenant, they name the pages' content in the host tier)."""
+
+    node: object
+    tokens: object  # the request's token ids, prompt then output
+    tenant: str
+
+
 class _Hooks:
     """kvttl.kit.EngineHooks over SGLang's radix tree: a lease's hold is a
-    tree lock on the node the turn's insert ended on."""
+    tree lock on the node the turn's insert ended on; a copy out goes to the
+    host tier while that lock (or the fresh insert) keeps the pages."""
 
     def __init__(self, cache: "KvttlRadixCache"):
         self.cache = cache
 
-    def pin(self, node):
-        return self.cache.lock(node)
+    def pin(self, context: _Context):
+        return self.cache.lock(context.node), context
 
-    def unpin(self, lock, *, reason: str, copy_out: bool) -> None:
-        self.cache.unlock(lock)
+    def unpin(self, hold, *, reason: str, copy_out: bool) -> None:
+        lock, context = hold
+        try:
+            if copy_out:
+                self.cache.host.offload(context)
+        finally:
+            self.cache.unlock(lock)
 
-    def copy_out(self, node) -> None:  # no host tier here: the kit never asks
-        raise NotImplementedError("kvttl's SGLang backend has no host tier")
+    def copy_out(self, context: _Context) -> None:
+        self.cache.host.offload(context)
+
+
+def _page_layers(kv_pool, page: int) -> list:
+    """SGLang's KV pool as block-first layers of one page each: the MHA
+    pool's per-layer K and V buffers (``[tokens, heads, dim]``), or the MLA
+    pool's per-layer buffers, viewed ``[pages, page x row]``."""
+    buffers = [*getattr(kv_pool, "k_buffer", ()), *getattr(kv_pool, "v_buffer", ())] or \
+        list(getattr(kv_pool, "kv_buffer", ()))
+    if not buffers:
+        raise BadArgumentError(f"kvttl host tier: SGLang's {type(kv_pool).__name__} has no per-layer k_buffer/v_buffer "
+                               "or kv_buffer; the host tier supports MHA and MLA token pools")
+    layers = []
+    for buf in buffers:
+        if not buf.is_contiguous() or buf.shape[0] % page:
+            raise BadArgumentError(f"kvttl host tier: a KV buffer of shape {tuple(buf.shape)} is not "
+                                   f"{page}-token pages of contiguous rows")
+        layers.append(buf.view(buf.shape[0] // page, -1))
+    return layers
+
+
+class _HostTier:
+    """The SGLang backend's host tier: the kit's ``HostIndex`` (which slot
+    holds which page content, named by ``page_hashes`` of the tokens) and
+    the swap layer's ``HostCopier`` over the KV pool's page layers. Copies
+    run to completion on the scheduler thread, every rank the same ones;
+    whether a copy worked is agreed across ranks (a copy that failed on any
+    rank counts as failed on all), so every rank's index stays the same."""
+
+    def __init__(self, cache: "KvttlRadixCache", num_slots: int, layers: list):
+        from kvttl.swap.copier import HostCopier
+
+        self.cache = cache
+        self.page = cache._page
+        self.index = HostIndex(num_slots)
+        cuda = layers[0].is_cuda
+        self.copier = HostCopier(layers, num_slots, after=torch.cuda.current_stream if cuda else None)
+        self.stats = {"offloaded_bytes": 0, "reloaded_bytes": 0, "copy_failures": 0}
+
+    def _copied(self, ok: bool, num_pages: int, key: str) -> bool:
+        ok = self.cache._agree(ok)
+        nbytes, seconds = self.copier.take_timing()
+        if ok:
+            self.stats[key] += num_pages * self.copier.slot_bytes
+            if self.cache.tp_world_size == 1 and self.cache.pp_size == 1:  # rank timings differ: priors only
+                self.cache.kit.observe_host_copy(nbytes, seconds)
+        else:
+            self.stats["copy_failures"] += 1
+        return ok
+
+    def offload(self, context: _Context) -> None:
+        """Copies the pages on the path to ``context.node`` that the host
+        tier does not hold yet."""
+        indices = self.cache.path_device_indices(context.node)
+        num_pages = len(indices) // self.page
+        if not num_pages:
+            return
+        pages = (indices[:num_pages * self.page:self.page] // self.page).tolist()
+        hashes = page_hashes(context.tokens[:num_pages * self.page], self.page, context.tenant)
+        self.index.offload(pages, hashes)
+        offloads, _ = self.index.take()
+        if offloads and not self._copied(self.copier.offload(offloads), len(offloads), "offloaded_bytes"):
+            self.index.forget([slot for _, slot in offloads])
+
+    def reload(self, req, key, result) -> bool:
+        """Reloads the pages of ``key`` past the device match ``result`` that
+        the host holds (never the page of the last token: it is computed
+        again) into fresh slots inserted into the tree. Whether any were."""
+        page = self.page
+        limit = (len(key) - 1) // page
+        first = result.device_prefix_len // page
+        if limit <= first:
+            return False
+        cached = getattr(req, "_kvttl_page_hashes", None)
+        if cached is None or cached[0] != limit:
+            cached = req._kvttl_page_hashes = (limit, page_hashes(key.raw_token_ids()[:limit * page], page,
+                                                                  isolation_key(req)))
+        slots = self.index.match(cached[1])
+        if len(slots) <= first:
+            self.index.release(slots)
+            return False
+        lock = self.cache.lock(result.last_device_node)  # the device part stays while slots are found
+        try:
+            return self._reload_pages(key, result, slots[first:], first)
+        finally:
+            self.cache.unlock(lock)
+            self.index.release(slots)
+
+    def _reload_pages(self, key, result, slots: list[int], first: int) -> bool:
+        allocator = self.cache.token_to_kv_pool_allocator
+        need = len(slots) * self.page
+        if allocator.available_size() < need:  # room from unlocked nodes only: leases stay
+            UnifiedRadixCache.evict(self.cache, EvictParams(num_tokens=need - allocator.available_size()))
+        fresh = allocator.alloc(need) if allocator.available_size() >= need else None
+        if fresh is None:
+            return False
+        pages = (fresh[::self.page] // self.page).tolist()
+        failed = self.copier.reload(list(zip(slots, pages)))
+        if not self._copied(not failed, len(slots), "reloaded_bytes"):
+            allocator.free(fresh)
+            self.index.forget([slot for slot, p in zip(slots, pages) if p in failed] or slots)
+            return False
+        start = first * self.page
+        held = self.cache.path_device_indices(result.last_device_node)[:start]
+        inserted = self.cache.insert(InsertParams(key=key[:start + need], value=torch.cat([held, fresh.to(held.dtype)])))
+        if inserted.prefix_len > start:  # part of it was in the tree already: those slots are spare
+            allocator.free(fresh[:inserted.prefix_len - start])
+        return True
+
+    def reset(self) -> None:
+        self.index.reset()
 
 
 class KvttlRadixCache(UnifiedRadixCache):
@@ -150,7 +296,7 @@ class KvttlRadixCache(UnifiedRadixCache):
 
     def __init__(self, params, *, config: dict | None = None, clock: Callable[[], float] | None = None):
         super().__init__(params)
-        self.kvttl_config = load_config(None if config is None else json.dumps(config))
+        self.kvttl_config, host_config = _load_config(None if config is None else json.dumps(config))
         if self.kvttl_config.tenant_field is not None:
             raise BadArgumentError("kvttl config: tenant_field is for vLLM; on SGLang a gateway sets the tenant in "
                                    "the request's extra_key (or cache_salt), which already scopes program ids")
@@ -163,8 +309,14 @@ class KvttlRadixCache(UnifiedRadixCache):
         allocator = self.token_to_kv_pool_allocator
         self._page = max(1, int(self.page_size))
         num_pages = int(allocator.size) // self._page + 2  # slot 0 is SGLang's padding
+        self.host: _HostTier | None = None
+        if host_tier_slots(host_config, 1, source=CONFIG_ENV):
+            layers = _page_layers(allocator.get_kvcache(), self._page)
+            page_bytes = sum(layer[0].numel() * layer.element_size() for layer in layers)
+            self.host = _HostTier(self, host_tier_slots(host_config, page_bytes, source=CONFIG_ENV), layers)
         self.kit = EngineKit(_Hooks(self), num_blocks=num_pages, block_size=self._page, config=self.kvttl_config,
-                             clock=self._now)
+                             clock=self._now, has_host_tier=self.host is not None,
+                             kv_bytes_per_token=self.host.copier.slot_bytes / self._page if self.host else 0.0)
         # request id -> request, for hinted requests not yet seen holding their lock
         self._waiting: dict[str, object] = {}
         self._idle_iterations = 0  # idle loop iterations since leases were last checked
@@ -176,7 +328,14 @@ class KvttlRadixCache(UnifiedRadixCache):
 
     @property
     def stats(self) -> dict:
-        return self.kit.stats
+        """Lease events (the kit's) and, with a host tier, bytes copied each way."""
+        return self.kit.stats if self.host is None else {**self.kit.stats, **self.host.stats}
+
+    def init_hicache(self, server_args, params) -> None:
+        if self.host is not None:
+            raise BadArgumentError("kvttl's host tier (host_tier_blocks / host_tier_gib) and SGLang's HiCache "
+                                   "(--enable-hierarchical-cache) are two host tiers for the same pages: use one")
+        super().init_hicache(server_args, params)
 
     # ---- time -----------------------------------------------------------------
     def _now(self) -> float:
@@ -189,6 +348,14 @@ class KvttlRadixCache(UnifiedRadixCache):
             self._all_reduce(t, torch.distributed.ReduceOp.MAX)
             now = float(t.item())
         return now
+
+    def _agree(self, ok: bool) -> bool:
+        """True only if ``ok`` on every rank (a collective under TP/PP)."""
+        if self.tp_world_size > 1 or self.pp_size > 1:
+            t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+            self._all_reduce(t, torch.distributed.ReduceOp.MIN)
+            ok = bool(t.item())
+        return ok
 
     #: on an idle scheduler, leases are checked every this many idle loop
     #: iterations (SGLang's loop polls for requests while idle: thousands a
@@ -232,7 +399,11 @@ class KvttlRadixCache(UnifiedRadixCache):
     def match_prefix(self, params):
         result = super().match_prefix(params)
         req = params.req
-        if req is not None and req.kv_hints is not None and not getattr(req, "_kvttl_arrived", False):
+        if req is None or req.kv_hints is None:
+            return result
+        if self.host is not None and _hints_of(req) is not None and self.host.reload(req, params.key, result):
+            result = super().match_prefix(params)
+        if not getattr(req, "_kvttl_arrived", False):
             hints = _hints_of(req)
             if hints is not None:
                 req._kvttl_arrived = True
@@ -264,7 +435,8 @@ class KvttlRadixCache(UnifiedRadixCache):
         free_tokens = self.token_to_kv_pool_allocator.available_size() + self.evictable_size()
         req._kvttl_outcome = self.kit.finished(  # what became of it, for whoever reports on the request
             req.rid, blocks=pages, num_tokens=len(req.origin_input_ids) + len(req.output_ids),
-            free_blocks=min(self.kit.num_blocks, free_tokens // self._page), pin_ref=node,
+            free_blocks=min(self.kit.num_blocks, free_tokens // self._page),
+            pin_ref=_Context(node, req.origin_input_ids + req.output_ids, isolation_key(req)),
             aborted=isinstance(req.finished_reason, FINISH_ABORT), now=now)
         _report(req, req._kvttl_outcome.report(hints))
 
@@ -342,4 +514,6 @@ class KvttlRadixCache(UnifiedRadixCache):
         if kit is not None:
             kit.reset()
             self._waiting.clear()
+        if getattr(self, "host", None) is not None:  # a flush (as after a weight update) empties it too
+            self.host.reset()
         super().reset()

@@ -89,6 +89,7 @@ class HostIndex:
         self._offloads: list[tuple[int, int]] = []
         self._reloads: list[tuple[int, int]] = []
         self._held: list[list[int]] = []  # slot references to drop at take()
+        self._forgotten: set[int] = set()  # failed slots to evict once their last reference goes
 
     def _verified(self, slots, hashes) -> list[int]:
         slots = [int(s) for s in slots]
@@ -111,6 +112,10 @@ class HostIndex:
         """Drops references taken by ``match`` that no copy used."""
         if slots:
             self.pool.drop_ref(slots[::-1])
+            for slot in self._forgotten.intersection(slots):
+                if self.pool.ref_count(slot) == 0:
+                    self.pool.evict([slot])
+                    self._forgotten.discard(slot)
 
     def reload(self, slots: list[int], blocks: list[int]) -> None:
         """Queues ``slots[i]`` -> device ``blocks[i]``; takes over the references ``match`` took."""
@@ -143,10 +148,15 @@ class HostIndex:
         return offloads, reloads
 
     def forget(self, slots) -> None:
-        """The copies into ``slots`` failed: their content must not be found."""
+        """The copies into or out of ``slots`` failed: their content must not
+        be found, and the slots are free again once no one holds them."""
         for slot in slots:
-            if self._content.pop(slot, None) is not None and self.pool.ref_count(slot) == 0:
+            if self._content.pop(slot, None) is None:
+                continue
+            if self.pool.ref_count(slot) == 0:
                 self.pool.evict([slot])
+            else:
+                self._forgotten.add(slot)
 
     def reset(self) -> bool:
         """Forgets every host copy (as after a weight update). Refused --

@@ -151,3 +151,32 @@ def assert_no_leak(cache):
     assert cache.protected_size() == 0, f"{cache.protected_size()} tokens still locked"
     total = cache.token_to_kv_pool_allocator.size
     assert cache.token_to_kv_pool_allocator.available_size() + cache.evictable_size() == total
+
+
+def _kv_content(token_ids, layer: int, which: int, shape) -> torch.Tensor:
+    """The KV a model would write for these tokens at positions 0..n-1 (a
+    stand-in: any function of token and position, exact in fp16)."""
+    tok = torch.tensor(list(token_ids), dtype=torch.int64)
+    base = (tok * 7 + torch.arange(len(tok)) * 3 + layer * 11 + which * 5) % 1024
+    return (base.view(-1, 1, 1) + torch.arange(shape[1] * shape[2]).view(1, shape[1], shape[2])).to(torch.float16)
+
+
+def write_kv(turn: Turn) -> None:
+    """The forward pass of an admitted turn: writes its whole context's KV
+    (the prefix it matched is rewritten with the same values)."""
+    cache, req = turn.cache, turn.req
+    total = len(req.origin_input_ids) + turn.n_out
+    row = cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :total].long()
+    ids = list(req.origin_input_ids) + [1_000_000 + i for i in range(turn.n_out)]
+    kv = cache.token_to_kv_pool_allocator.get_kvcache()
+    for layer in range(len(kv.k_buffer)):
+        for which, buffers in enumerate((kv.k_buffer, kv.v_buffer)):
+            buffers[layer][row] = _kv_content(ids, layer, which, buffers[layer].shape)
+
+
+def kv_matches(cache, indices, token_ids) -> bool:
+    """Whether the KV at pool ``indices`` is what ``token_ids`` at positions 0.. wrote."""
+    kv = cache.token_to_kv_pool_allocator.get_kvcache()
+    idx = indices.long()
+    return all(torch.equal(buffers[layer][idx], _kv_content(token_ids, layer, which, buffers[layer].shape))
+               for layer in range(len(kv.k_buffer)) for which, buffers in enumerate((kv.k_buffer, kv.v_buffer)))
