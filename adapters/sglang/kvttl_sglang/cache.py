@@ -56,6 +56,7 @@ from kvttl.kit import (HOST_TIER_KEYS, EngineKit, HostIndex, KitConfig, hint_rep
                        payload_from_envelope, read_hints)
 from kvttl.kit import load_config as load_kit_config
 from kvttl.policy import TurnHints
+from kvttl_sglang.metrics import KvttlMetrics
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, InsertParams
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
@@ -120,6 +121,7 @@ def _report(req, report: dict) -> None:
 
 
 _UNPARSED = object()
+_NO_BYTES = {"offloaded_bytes": 0, "reloaded_bytes": 0}
 
 
 def _hints_of(req) -> TurnHints | None:
@@ -317,6 +319,8 @@ class KvttlRadixCache(UnifiedRadixCache):
         self.kit = EngineKit(_Hooks(self), num_blocks=num_pages, block_size=self._page, config=self.kvttl_config,
                              clock=self._now, has_host_tier=self.host is not None,
                              kv_bytes_per_token=self.host.copier.slot_bytes / self._page if self.host else 0.0)
+        collector = getattr(self, "metrics_collector", None)  # SGLang's own, with --enable-metrics
+        self._metrics = KvttlMetrics(collector.labels) if collector is not None else None
         # request id -> request, for hinted requests not yet seen holding their lock
         self._waiting: dict[str, object] = {}
         self._idle_iterations = 0  # idle loop iterations since leases were last checked
@@ -330,6 +334,13 @@ class KvttlRadixCache(UnifiedRadixCache):
     def stats(self) -> dict:
         """Lease events (the kit's) and, with a host tier, bytes copied each way."""
         return self.kit.stats if self.host is None else {**self.kit.stats, **self.host.stats}
+
+    def _publish(self) -> None:
+        """Brings the Prometheus series up to date (nothing to do when off or unchanged)."""
+        if self._metrics is not None:
+            host = self.host
+            self._metrics.publish(self.kit, host.stats if host is not None else _NO_BYTES,
+                                  host.index.num_filled if host is not None else 0)
 
     def init_hicache(self, server_args, params) -> None:
         if self.host is not None:
@@ -389,6 +400,7 @@ class KvttlRadixCache(UnifiedRadixCache):
             elif req.finished() and not req.kv.holds_kv:  # gone before it ever ran
                 del self._waiting[rid]
                 self.kit.finished(rid, blocks=(), num_tokens=0, free_blocks=0, aborted=True, now=now)
+        self._publish()
         return now
 
     def _admitted(self, rid: str, req, now: float) -> None:
@@ -411,6 +423,7 @@ class KvttlRadixCache(UnifiedRadixCache):
                 self.kit.arrived(req.rid, hints, prompt_tokens=len(req.origin_input_ids), arrival=_entry_time(req),
                                  now=self._now() if now is None else now)
                 self._waiting[req.rid] = req
+        self._publish()
         return result
 
     def on_release(self, req, *, checkpointed: bool) -> None:
@@ -439,6 +452,7 @@ class KvttlRadixCache(UnifiedRadixCache):
             pin_ref=_Context(node, req.origin_input_ids + req.output_ids, isolation_key(req)),
             aborted=isinstance(req.finished_reason, FINISH_ABORT), now=now)
         _report(req, req._kvttl_outcome.report(hints))
+        self._publish()
 
     def evict(self, params: EvictParams) -> EvictResult:
         return self._evict_with_leases(params, lambda p: super(KvttlRadixCache, self).evict(p))
@@ -459,6 +473,7 @@ class KvttlRadixCache(UnifiedRadixCache):
             result.num_tokens_evicted += more.num_tokens_evicted
             result.swa_num_tokens_evicted += more.swa_num_tokens_evicted
             result.mamba_num_evicted += more.mamba_num_evicted
+        self._publish()
         return result
 
     # ---- scheduling (called by plugin.py's calc_priority hook) ------------------------
@@ -491,6 +506,7 @@ class KvttlRadixCache(UnifiedRadixCache):
             if not gone:
                 break
             revoked += len(gone)
+        self._publish()
         return revoked
 
     # ---- introspection and teardown ----------------------------------------------------

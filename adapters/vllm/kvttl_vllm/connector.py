@@ -46,6 +46,7 @@ import sys
 import weakref
 
 from kvttl.kit import DeadlineWaker, EngineKit, hint_report, load_config
+from kvttl.kit.metrics import BYTE_COUNTERS, StatsReporter
 from kvttl.policy import tool_from_output
 from kvttl_vllm.hints import request_hints
 from kvttl_vllm.host import (
@@ -57,7 +58,7 @@ from kvttl_vllm.host import (
     block_bytes,
     host_slots_from_config,
 )
-from kvttl_vllm.metrics import BYTE_COUNTERS, KvttlConnectorStats, KvttlPromMetrics, StatsReporter
+from kvttl_vllm.metrics import KvttlConnectorStats, KvttlPromMetrics
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -380,8 +381,9 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         Reports only what changed, so a quiet engine sends nothing."""
         if self.kit is None:
             return None
-        return self._reporter.report(self.kit, self.byte_stats,
+        data = self._reporter.report(self.kit, self.byte_stats,
                                      self._host.num_filled if self._host is not None else 0)
+        return None if data is None else KvttlConnectorStats(data=data)
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict | None = None) -> KVConnectorStats | None:

@@ -1,25 +1,20 @@
 """kvttl's counters in vLLM's metrics: the periodic "KV Transfer metrics" log
 line and the Prometheus registry (``/metrics``, ``LLM.get_metrics()``).
 
-Names, the same in every engine: ``vllm:kvttl_leases_<event>_total`` for the
-kit's LEASE_EVENTS, ``vllm:kvttl_<name>_total`` for host-tier bytes, and the
-gauges ``vllm:kvttl_leases``, ``vllm:kvttl_pinned_blocks``, ``vllm:kvttl_host_blocks``.
+Names and meanings are the kit's (``kvttl.kit.metrics``), under ``vllm:``:
+``vllm:kvttl_leases_<event>_total``, ``vllm:kvttl_<name>_total`` for host-tier
+bytes, and the gauges ``vllm:kvttl_leases``, ``vllm:kvttl_pinned_blocks``,
+``vllm:kvttl_host_blocks``.
 """
 
 from __future__ import annotations
 
 from kvttl.kit import LEASE_EVENTS
+from kvttl.kit.metrics import BYTE_COUNTERS, COUNTERS, LEASE_GAUGES
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.utils import create_metric_per_engine
 
 __all__ = ["KvttlConnectorStats", "KvttlPromMetrics", "LEASE_EVENTS", "BYTE_COUNTERS", "COUNTERS", "LEASE_GAUGES"]
-
-#: Host-tier traffic (per worker), counted; exported as ``vllm:kvttl_<name>_total``.
-BYTE_COUNTERS = ("offloaded_bytes", "reloaded_bytes")
-COUNTERS = LEASE_EVENTS + BYTE_COUNTERS
-#: Levels, exported as gauges: live leases, the blocks they pin, host slots in use.
-LEASE_GAUGES = ("leases", "pinned_blocks", "host_blocks")
-
 
 class KvttlConnectorStats(KVConnectorStats):
     """One report: counter increments since the previous report, and the
@@ -72,26 +67,3 @@ class KvttlPromMetrics(KVConnectorPromMetrics):
         for name, metric in self.gauges.items():
             if name in transfer_stats_data:
                 metric[engine_idx].set(transfer_stats_data[name])
-
-
-class StatsReporter:
-    """What changed since the last report, or None: a quiet engine sends
-    nothing, and finds that out from a few integers (this runs every step)."""
-
-    def __init__(self):
-        self._reported = dict.fromkeys(COUNTERS + LEASE_GAUGES, 0)
-        self._seen = None
-
-    def report(self, kit, byte_stats: dict, host_blocks: int) -> KvttlConnectorStats | None:
-        seen = (kit.changes, byte_stats["offloaded_bytes"], byte_stats["reloaded_bytes"], host_blocks)
-        if seen == self._seen:
-            return None
-        self._seen = seen
-        now = {**kit.stats, **byte_stats, "leases": kit.num_leases, "pinned_blocks": kit.num_pinned,
-               "host_blocks": host_blocks}
-        if now == self._reported:
-            return None
-        data = {k: now[k] - self._reported[k] for k in COUNTERS if now[k] != self._reported[k]}
-        data.update({k: now[k] for k in LEASE_GAUGES})
-        self._reported = now
-        return KvttlConnectorStats(data=data)

@@ -66,18 +66,28 @@ class FakeClock:
         return self.t
 
 
-def make_cache(kind: str = "kvttl", *, tokens: int = 256, rows: int = 8, clock=None, config=None, tp_group=None):
-    """A real cache over a real MHA token pool (2 layers, fp16, CPU)."""
+def make_cache(kind: str = "kvttl", *, tokens: int = 256, rows: int = 8, clock=None, config=None, tp_group=None,
+               metrics: bool = False):
+    """A real cache over a real MHA token pool (2 layers, fp16, CPU); ``metrics``:
+    as under SGLang's --enable-metrics."""
     publish_server_args()
     kv = MHATokenToKVPool(size=tokens, page_size=1, dtype=torch.float16, head_num=2, head_dim=4, layer_num=2,
                           device="cpu", enable_memory_saver=False)
     allocator = TokenToKVPoolAllocator(tokens, torch.float16, "cpu", kv, need_sort=False)
     req_to_token = ReqToTokenPool(size=rows, max_context_len=4 * tokens, device="cpu", enable_memory_saver=False)
     params = CacheInitParams(disable=False, req_to_token_pool=req_to_token, token_to_kv_pool_allocator=allocator,
-                             page_size=1, tree_components=(ComponentType.FULL,), tp_cache_group=tp_group)
-    if kind == "kvttl":
-        return KvttlRadixCache(params, config=config or {}, clock=clock or FakeClock())
-    return UnifiedRadixCache(params)
+                             page_size=1, tree_components=(ComponentType.FULL,), tp_cache_group=tp_group,
+                             enable_metrics=metrics)
+    import contextlib
+
+    from sglang.srt.runtime_context import get_parallel
+
+    # a server publishes its ranks before building the cache; SGLang's metric labels read them
+    ranks = get_parallel().override(tp_rank=0, pp_rank=0) if metrics else contextlib.nullcontext()
+    with ranks:
+        if kind == "kvttl":
+            return KvttlRadixCache(params, config=config or {}, clock=clock or FakeClock())
+        return UnifiedRadixCache(params)
 
 
 class Turn:

@@ -222,3 +222,4 @@ def test_random_agent_traffic_with_a_host_tier_reloads_only_true_kv_and_leaks_no
         cache.tick()
         assert cache.host.index.pool.num_referenced == 0
     _no_leak(cache)
+
