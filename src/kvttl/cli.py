@@ -25,7 +25,7 @@ def _simulate(args) -> int:
         policies=parse_names(args.policies) if args.policies else tuple(DEFAULT_POLICIES),
         jps=parse_floats(args.jps, "--jps") if args.jps else None,
         num_programs=args.programs, seed=args.seed, host_tier_gb=args.host_gb,
-        num_gpu_blocks=args.gpu_blocks, workers=args.workers,
+        num_gpu_blocks=args.gpu_blocks, workers=args.workers, replicas=args.replicas, router=args.router,
     )
     t0 = time.perf_counter()
     progress = False if args.quiet else ("bar" if sys.stderr.isatty() else "lines")
@@ -70,6 +70,11 @@ def main(argv=None) -> int:
                      help="pinned host DRAM for KV, used by offloading policies (default 256; 0 for none)")
     sim.add_argument("--gpu-blocks", type=int, help="override the GPU block count the preset allows")
     sim.add_argument("--workers", type=int, default=0, help="processes (default: min(2, cores))")
+    sim.add_argument("--replicas", type=int, default=1,
+                     help="engine replicas behind one router; --jps is then the whole fleet's load (default 1)")
+    sim.add_argument("--router", default="session",
+                     help="with --replicas: round-robin, least-loaded, session (consistent hash on the program id) "
+                          "or lease-aware (stay with the lease unless its queue is long) (default session)")
     sim.add_argument("--json", help="write results as JSON here")
     sim.add_argument("--plot", help="write a PNG: mean JCT against load, JCT CDF at the highest load")
     sim.add_argument("--quiet", action="store_true",

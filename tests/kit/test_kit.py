@@ -97,6 +97,18 @@ def test_expiry_and_revocation_drop_the_engines_hold_with_the_reason():
     k.check_invariants()
 
 
+def test_a_router_that_moves_a_program_releases_its_lease_without_a_copy():
+    k, engine, clock = kit(host=True, offload="on_unpin")
+    k.arrived("a1", hints("A"))
+    k.admitted("a1", device_hit_tokens=0)
+    finish(k, "a1")
+    assert k.release("A") is True
+    assert engine.calls[-1] == ("unpin", "a1", "released", False) and not k.has_lease("A")
+    assert k.release("A") is False and k.release("nobody") is False
+    assert k.stats["released"] == 1
+    k.check_invariants()
+
+
 def test_later_programs_may_not_revoke_earlier_ones_unless_nothing_runs():
     k, engine, _ = kit()
     k.arrived("old1", hints("old"), arrival=1.0)

@@ -584,6 +584,16 @@ class EngineKit:
     def num_turns_in_flight(self) -> int:
         return len(self._turns)
 
+    def release(self, program_id: Hashable, *, tenant: str = "") -> bool:
+        """The program's lease goes now, without a copy out (a router sent its
+        next turn to another replica). Whether it held one."""
+        program = self.programs.get(program_key(program_id, tenant))
+        if program is None or program.pin is None:
+            return False
+        self.table.release(program.program_id)
+        self._lease_gone(program, "released")
+        return True
+
     def release_all(self) -> int:
         """Every lease goes (engine shutdown); returns how many."""
         held = [p for p in self.programs if p.pin is not None]

@@ -177,7 +177,7 @@ class Simulator:
 
     def __init__(self, programs: list[Program], policy: SchedulingPolicy, cost: CostModel,
                  config: EngineConfig = EngineConfig(), *, jps: float = math.nan,
-                 max_sim_s: float = 1e7, kit_config: KitConfig | None = None):
+                 max_sim_s: float = 1e7, kit_config: KitConfig | None = None, dispatch=None):
         self._replay = kit_config is None
         if self._replay and not programs:
             raise BadArgumentError("nothing to simulate: no programs")
@@ -206,8 +206,12 @@ class Simulator:
         self._named: dict = {}  # interactive program name -> its _Prog
         self.events: list = []  # (time, seq, program index, turn index)
         self._seq = 0
+        #: where a turn goes when it is due: this engine's own queue, or a
+        #: fleet's router (kvttl.sim.fleet), which pushes it to a replica
+        self.dispatch = dispatch or self._push
+        self.stop_at = math.inf  # where the current run_until stops
         for i, p in enumerate(programs):
-            self._push(p.arrival_s, i, 0)
+            self.dispatch(p.arrival_s, i, 0)
         self.deadlines: list[float] = []  # lease deadlines, for fast-forward bounds (may be stale)
         self.waiting: list[_Req] = []
         self.waiting_dirty = False
@@ -444,7 +448,7 @@ class Simulator:
         if not self._replay:
             pass
         elif req.turn < len(turns) - 1:
-            self._push(self.now + turn.tool_duration_s, prog.program.program_id, req.turn + 1)
+            self.dispatch(self.now + turn.tool_duration_s, prog.program.program_id, req.turn + 1)
         else:
             prog.finished_at = self.now
         self.pool.drop_ref(req.blocks[::-1])
@@ -459,7 +463,7 @@ class Simulator:
         return self.cost.step_s(num_tokens, attn + ctx, kv + ctx)
 
     def _next_event_time(self) -> float:
-        t = self.events[0][0] if self.events else math.inf
+        t = min(self.events[0][0] if self.events else math.inf, self.stop_at)
         while self.deadlines and self.deadlines[0] <= self.now:
             heapq.heappop(self.deadlines)
         if self.deadlines:
@@ -475,17 +479,20 @@ class Simulator:
 
     def run_until(self, t_end: float) -> None:
         """Runs the engine until time ``t_end``, or, with ``t_end`` infinite,
-        until nothing is left to run or arrive."""
+        until nothing is left to run or arrive. ``stop_at`` may be lowered
+        while it runs (a fleet's router: a turn became due somewhere)."""
         cfg = self.config
+        self.stop_at = t_end
         while True:
+            t_end = self.stop_at
             while self.events and self.events[0][0] <= self.now:
                 _, _, pi, ti = heapq.heappop(self.events)
                 self._arrive(pi, ti)
             self.kit.tick()
             if not self.running and not self.waiting:
                 nxt = self.events[0][0] if self.events else math.inf
-                if nxt > t_end:  # idle to the end (finite only: otherwise nxt is finite)
-                    self._advance(t_end - self.now)
+                if nxt > t_end:  # idle to the end (finite only: otherwise nxt is finite); a last
+                    self._advance(max(0.0, t_end - self.now))  # step may have run past it already
                     self.kit.tick()
                     return
                 if not self.events:

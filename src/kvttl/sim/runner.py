@@ -15,6 +15,7 @@ from kvttl.errors import BadArgumentError
 from kvttl.policy import DEFAULT_POLICIES, get_policy
 from kvttl.sim.cost import get_preset
 from kvttl.sim.engine import EngineConfig, Simulator
+from kvttl.sim.fleet import ROUTERS, Fleet
 from kvttl.sim.workload import generate, get_workload, load_trace, replay_future
 
 __all__ = ["SweepConfig", "run_sweep", "format_tables", "write_plot", "write_json", "DEFAULT_JPS", "TURN_BUCKETS"]
@@ -59,6 +60,9 @@ class SweepConfig:
     host_tier_gb: float = 256.0
     num_gpu_blocks: int | None = None
     workers: int = 0  # 0: min(2, cpu count)
+    #: engine replicas behind one router (kvttl.sim.fleet); the loads are the fleet's
+    replicas: int = 1
+    router: str = "session"
 
     def loads(self) -> tuple[float, ...]:
         if self.jps:
@@ -93,6 +97,10 @@ class SweepConfig:
             raise BadArgumentError(f"host tier size must be a finite number >= 0 GB, got {self.host_tier_gb}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise BadArgumentError(f"gpu blocks must be >= 1 (leave it out for the preset's), got {self.num_gpu_blocks}")
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or not 1 <= self.replicas <= 1024:
+            raise BadArgumentError(f"replicas must be an integer from 1 to 1024, got {self.replicas!r}")
+        if self.router not in ROUTERS:
+            raise BadArgumentError(f"unknown router {self.router!r}; known: {', '.join(ROUTERS)}")
         if self.workers < 0:
             raise BadArgumentError(f"workers must be >= 0 (0: min(2, cores)), got {self.workers}")
         if self.trace is None:
@@ -116,9 +124,16 @@ def _run_one(args) -> dict:
     engine = EngineConfig(host_tier_gb=cfg.host_tier_gb, num_gpu_blocks=cfg.num_gpu_blocks)
     blocks = cfg.num_gpu_blocks or cost.num_gpu_blocks(engine.block_size)
     programs = _programs(cfg, jps)
-    policy = get_policy(policy_name, capacity_blocks=blocks, reload=cost.reload_model(engine.max_num_batched_tokens),
-                        future=replay_future(programs))
-    result = Simulator(programs, policy, cost, engine, jps=jps).run()
+    future = replay_future(programs)
+
+    def policy():
+        return get_policy(policy_name, capacity_blocks=blocks, reload=cost.reload_model(engine.max_num_batched_tokens),
+                          future=future)
+
+    if cfg.replicas > 1:
+        result = Fleet(programs, policy, cost, engine, replicas=cfg.replicas, router=cfg.router, jps=jps).run()
+    else:
+        result = Simulator(programs, policy(), cost, engine, jps=jps).run()
     summary = result.summary()
     summary["policy"] = policy_name
     summary["jct_s"] = result.jct_s.tolist()
@@ -187,7 +202,9 @@ def format_tables(report: dict) -> str:
     source = cfg["trace"] or cfg["workload"]
     run = report["results"][0]["num_programs"] if report["results"] else cfg["num_programs"]  # a trace may hold fewer
     lines.append(f"kvttl simulate: {source}, {run} programs, preset {cfg['preset']}, "
-                 f"host tier {cfg['host_tier_gb']:g} GB, seed {cfg['seed']}")
+                 f"host tier {cfg['host_tier_gb']:g} GB, seed {cfg['seed']}"
+                 + (f", {cfg['replicas']} replicas behind a {cfg['router']} router (loads are the fleet's)"
+                    if cfg.get("replicas", 1) > 1 else ""))
     header = (f"{'jps':>6} {'policy':<18} {'mean JCT s':>10} {'p50':>8} {'p95':>8} {'vs ' + baseline:>10} "
               f"{'jobs/s':>7} {'hit':>6} {'host':>6} {'queue s':>8} {'leases g/hit/exp/rev':>22} {'preempt':>7}")
     lines.append(header)
