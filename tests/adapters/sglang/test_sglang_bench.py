@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import tests.adapters.sglang.harness  # noqa: F401  (skips where SGLang is not installed, as the other SGLang tests)
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
