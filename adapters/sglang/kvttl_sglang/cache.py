@@ -258,12 +258,12 @@ class _HostTier:
             return False
         lock = self.cache.lock(result.last_device_node)  # the device part stays while slots are found
         try:
-            return self._reload_pages(key, result, slots[first:], first)
+            return self._reload_pages(req, key, result, slots[first:], first)
         finally:
             self.cache.unlock(lock)
             self.index.release(slots)
 
-    def _reload_pages(self, key, result, slots: list[int], first: int) -> bool:
+    def _reload_pages(self, req, key, result, slots: list[int], first: int) -> bool:
         allocator = self.cache.token_to_kv_pool_allocator
         need = len(slots) * self.page
         if allocator.available_size() < need:  # room from unlocked nodes only: leases stay
@@ -279,9 +279,11 @@ class _HostTier:
             return False
         start = first * self.page
         held = self.cache.path_device_indices(result.last_device_node)[:start]
-        inserted = self.cache.insert(InsertParams(key=key[:start + need], value=torch.cat([held, fresh.to(held.dtype)])))
-        if inserted.prefix_len > start:  # part of it was in the tree already: those slots are spare
-            allocator.free(fresh[:inserted.prefix_len - start])
+        # prev_prefix_len: the head is the tree's own (SGLang's load-back passes it too); past it, the
+        # insert itself frees whatever fresh slots duplicate what the tree holds
+        self.cache.insert(InsertParams(key=key[:start + need], value=torch.cat([held, fresh.to(held.dtype)]),
+                                       prev_prefix_len=start))
+        req._kvttl_reloaded = need
         return True
 
     def reset(self) -> None:
@@ -313,6 +315,9 @@ class KvttlRadixCache(UnifiedRadixCache):
         num_pages = int(allocator.size) // self._page + 2  # slot 0 is SGLang's padding
         self.host: _HostTier | None = None
         if host_tier_slots(host_config, 1, source=CONFIG_ENV):
+            if self.pp_size > 1:  # SGLang's all-reduce agrees within stage 0 only: a later stage's failed copy
+                raise BadArgumentError(  # would go unseen, and its tree would hold KV it never got
+                    "kvttl's SGLang host tier does not run under pipeline parallelism (pp_size > 1)")
             layers = _page_layers(allocator.get_kvcache(), self._page)
             page_bytes = sum(layer[0].numel() * layer.element_size() for layer in layers)
             self.host = _HostTier(self, host_tier_slots(host_config, page_bytes, source=CONFIG_ENV), layers)
@@ -361,8 +366,9 @@ class KvttlRadixCache(UnifiedRadixCache):
         return now
 
     def _agree(self, ok: bool) -> bool:
-        """True only if ``ok`` on every rank (a collective under TP/PP)."""
-        if self.tp_world_size > 1 or self.pp_size > 1:
+        """True only if ``ok`` on every tensor-parallel rank (a collective; the
+        host tier refuses pipeline parallelism)."""
+        if self.tp_world_size > 1:
             t = torch.tensor([1 if ok else 0], dtype=torch.int32)
             self._all_reduce(t, torch.distributed.ReduceOp.MIN)
             ok = bool(t.item())
@@ -405,7 +411,9 @@ class KvttlRadixCache(UnifiedRadixCache):
 
     def _admitted(self, rid: str, req, now: float) -> None:
         del self._waiting[rid]
-        self.kit.admitted(rid, device_hit_tokens=int(getattr(req, "prefix_len", 0) or 0), now=now)
+        # what the device kept, as vLLM reports it: tokens the host tier brought back do not count
+        kept = int(getattr(req, "prefix_len", 0) or 0) - getattr(req, "_kvttl_reloaded", 0)
+        self.kit.admitted(rid, device_hit_tokens=max(0, kept), now=now)
 
     # ---- SGLang hooks -----------------------------------------------------------
     def match_prefix(self, params):

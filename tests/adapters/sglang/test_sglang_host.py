@@ -58,6 +58,34 @@ def test_an_expired_lease_comes_back_from_host_memory_bit_exact(config, expect):
     _no_leak(cache)
 
 
+def test_a_reload_behind_a_prefix_still_on_the_device_frees_none_of_the_trees_slots():
+    """Review finding: with part of the context still on the device (here a
+    prefix another program's lease holds), SGLang's insert frees the value
+    slots of the part it already has unless told where the request's own
+    prefix ends; the reload handed it the tree's own slots, which went back
+    to the free list while still locked and in use."""
+    clock = FakeClock()
+    cache = make_cache(tokens=128, clock=clock, config=HOST)
+    shared = tokens(1, 20)
+    b = _agent_turn(cache, shared + tokens(2, 10), program_id="B", ttl="60s")  # pins the shared prefix
+    a = _agent_turn(cache, shared + tokens(3, 30), program_id="A", ttl="1s")
+    clock.t += 2
+    _pressure(cache, range(4, 8))  # A's lease expires (copied out); its own tail is evicted, B's path stays
+    back = _back(cache, a, "A", ttl="1s")
+    assert back.prefix_len == len(a.context)  # 20 on the device + the rest from the host
+    assert kv_matches(cache, cache.path_device_indices(back.req.last_node)[:len(a.context)], a.context)
+    back.admit()
+    assert kv_matches(cache, cache.path_device_indices(back.req.last_node)[:20], shared)
+    back.finish()
+    allocator = cache.token_to_kv_pool_allocator
+    assert allocator.available_size() + cache.evictable_size() + cache.protected_size() == allocator.size
+    b_back = _back(cache, b, "B", ttl="60s")
+    assert b_back.prefix_len == len(b.context)
+    assert kv_matches(cache, cache.path_device_indices(b_back.req.last_node)[:len(b.context)], b.context)
+    b_back.admit().finish()
+    _no_leak(cache)
+
+
 def test_a_revoked_lease_is_copied_out_before_its_pages_go():
     cache = make_cache(tokens=128, config={**HOST, "policy": "fixed:1h"})
     first = _agent_turn(cache, tokens(1, 40), program_id="A")
