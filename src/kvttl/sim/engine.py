@@ -104,19 +104,20 @@ class _Prog:
 class _Hooks:
     """What the simulated engine gives the kit (kvttl.kit.EngineHooks). A
     lease's references live in the simulator's own BlockPool, so pinning
-    holds nothing more; the pin handle is the program, for its host copy."""
+    holds nothing more; the pin handle is the program and its context as
+    pinned, for its host copy (in a fleet the program may have moved on)."""
 
     def __init__(self, sim: "Simulator"):
         self.sim = sim
 
-    def pin(self, prog: _Prog) -> _Prog:
-        return prog
+    def pin(self, prog: _Prog) -> tuple:
+        return prog, prog.context, prog.epoch
 
-    def unpin(self, prog: _Prog, *, reason: str, copy_out: bool) -> None:
+    def unpin(self, pinned: tuple, *, reason: str, copy_out: bool) -> None:
         if reason != "released":
             self.sim.freed_version += 1  # an expiry or revocation may have freed blocks
         if copy_out:
-            self.sim._offload(prog)
+            self.sim._offload(*pinned)
 
     def copy_out(self, prog: _Prog) -> None:
         self.sim._offload(prog)
@@ -232,18 +233,19 @@ class Simulator:
         self._seq += 1
 
     # ---- hashing ------------------------------------------------------------------
-    def _hashes(self, prog: _Prog, start: int, stop: int) -> list[int]:
+    def _hashes(self, prog: _Prog, start: int, stop: int, epoch: int | None = None) -> list[int]:
         shared = prog.program.shared_prefix_tokens // self.config.block_size
-        pid, epoch = prog.program.program_id, prog.epoch
+        pid, epoch = prog.program.program_id, prog.epoch if epoch is None else epoch
         return [block_hash(pid, epoch, i, shared) for i in range(start, stop)]
 
     # ---- host tier ------------------------------------------------------------------
-    def _offload(self, prog: _Prog) -> None:
-        """Copies the program's context blocks to the host tier (asynchronous
-        DMA: not charged to GPU steps)."""
+    def _offload(self, prog: _Prog, context: int | None = None, epoch: int | None = None) -> None:
+        """Copies the program's context blocks (now, or as a lease pinned
+        them) to the host tier (asynchronous DMA: not charged to GPU steps)."""
         if self.host is None:
             return
-        hashes = self._hashes(prog, 0, prog.context // self.config.block_size)
+        context = prog.context if context is None else context
+        hashes = self._hashes(prog, 0, context // self.config.block_size, epoch)
         present = self.host.acquire_prefix(hashes)  # refresh LRU of what is already there
         missing = hashes[len(present):]
         if missing:
@@ -462,8 +464,12 @@ class Simulator:
         ctx = sum(r.computed for r in decodes) + len(decodes) * (k - 1) / 2
         return self.cost.step_s(num_tokens, attn + ctx, kv + ctx)
 
-    def _next_event_time(self) -> float:
-        t = min(self.events[0][0] if self.events else math.inf, self.stop_at)
+    def _next_event_time(self, *, until_stop: bool = True) -> float:
+        """When something next happens here; ``until_stop``: no later than
+        where this run stops (a fleet's router may act then)."""
+        t = self.events[0][0] if self.events else math.inf
+        if until_stop:
+            t = min(t, self.stop_at)
         while self.deadlines and self.deadlines[0] <= self.now:
             heapq.heappop(self.deadlines)
         if self.deadlines:
@@ -552,9 +558,9 @@ class Simulator:
                 if self.kit.num_leases and not any(r.ready_at > self.now for r in self.running):
                     self.kit.step(scheduled=False)
                     continue
-                nxt = self._next_event_time()
-                if not math.isfinite(nxt):
+                if not math.isfinite(self._next_event_time(until_stop=False)):
                     raise RuntimeError("engine stalled: requests wait but nothing can run or arrive")
+                nxt = self._next_event_time()
                 self._advance(nxt - self.now)
                 continue
             # A decode-only batch runs k steps at once, up to the next event or

@@ -73,6 +73,7 @@ class Fleet:
         self._last: dict[int, int] = {}  # program -> the replica that served its last turn
         self._next_rr = 0
         self.moves = 0  # turns routed away from the replica that served the program's last turn
+        self.released = 0  # leases lease-aware routing gave up as their program moved
 
     def _due(self, t: float, program: int, turn: int) -> None:
         heapq.heappush(self.due, (t, self._seq, program, turn))
@@ -97,9 +98,11 @@ class Fleet:
         home = next((r for r, sim in enumerate(self.sims) if sim.kit.has_lease(program)), self._last.get(program))
         if home is None:
             return least
-        if len(self.sims[home].waiting) <= self.max_queue:
+        if len(self.sims[home].waiting) <= self.max_queue or least == home:
             return home
-        self.sims[home].kit.release(program)  # it moves: the old pin only holds memory now
+        if self.sims[home].kit.release(program):  # it moves: the old pin only holds memory now
+            self.released += 1
+            self.sims[home].freed_version += 1  # its blocks may let a blocked head in
         return least
 
     def run(self) -> RunResult:
