@@ -74,12 +74,12 @@ def main(argv=None) -> dict:
     out = {"runs": rows, "config": vars(args), "targets": {}}
     if TARGET_N in sizes:
         at = {(r["policy"], r["router"]): r["mean_jct_s"] for r in rows if r["replicas"] == TARGET_N}
-        best = min(at[("kvttl", "session")], at[("kvttl", "lease-aware")])
-        vs_rr, vs_session = at[("vllm", "round-robin")] / best, at[("vllm", "session")] / best
-        out["targets"] = {
-            "kvttl_vs_stock_round_robin": vs_rr, "met_1_5x_vs_round_robin": vs_rr >= 1.5,
-            "kvttl_vs_stock_session": vs_session, "met_1_2x_vs_session": vs_session >= 1.2,
-        }
+        for router in ("session", "lease-aware"):  # each kvttl pairing judged on its own
+            mine = at[("kvttl", router)]
+            vs_rr, vs_session = at[("vllm", "round-robin")] / mine, at[("vllm", "session")] / mine
+            out["targets"][f"kvttl_{router}"] = {
+                "vs_stock_round_robin": vs_rr, "met_1_5x_vs_round_robin": vs_rr >= 1.5,
+                "vs_stock_session": vs_session, "met_1_2x_vs_session": vs_session >= 1.2}
     print(json.dumps(out["targets"], indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

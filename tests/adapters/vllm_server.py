@@ -44,11 +44,12 @@ def post(port: int, body: dict, headers: dict | None = None, timeout_s: float = 
 
 
 class VllmServer:
-    """``vllm serve MODEL`` with the kvttl connector and scheduler, token-id
+    """``vllm serve MODEL`` (with the kvttl connector and scheduler), token-id
     prompts and a 40-block pool. Start it with :meth:`start`, then
     :meth:`wait` (several servers may start side by side)."""
 
-    def __init__(self, model: str, connector: dict, log_path):
+    def __init__(self, model: str, connector: dict | None, log_path):
+        """``connector`` None: stock vLLM (no kvttl connector or scheduler)."""
         self.model, self.log_path = model, str(log_path)
         self.port = free_port()
         self._log = open(self.log_path, "w")
@@ -57,8 +58,9 @@ class VllmServer:
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
              "--port", str(self.port), "--skip-tokenizer-init", "--enable-prefix-caching", "--max-model-len", "4096",
              "--dtype", "bfloat16", "--gpu-memory-utilization", "0.3", "--num-gpu-blocks-override", "40",
-             "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(connector),
-             "--scheduler-cls", "kvttl_vllm.scheduler.KvttlScheduler"],
+             "--enable-prompt-tokens-details"]
+            + ([] if connector is None else ["--kv-transfer-config", json.dumps(connector),
+                                             "--scheduler-cls", "kvttl_vllm.scheduler.KvttlScheduler"]),
             env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait(self) -> "VllmServer":
