@@ -10,10 +10,12 @@ routing key; vLLM does not pass HTTP headers to the engine) and as
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ BLOCK = 128
 def _router_binary() -> str:
     found = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm-router"))
     if not Path(found).exists():
-        if __import__("os").environ.get("CI"):
+        if os.environ.get("CI"):
             raise RuntimeError("vllm-router is not installed: the test requirements install it")
         pytest.skip("vllm-router is not installed (pip install vllm-router)")
     return found
@@ -118,7 +120,7 @@ def test_a_replica_that_goes_away_costs_a_re_prefill_not_a_failure(fleet):
                                        last_turn=True)
             break
         except OSError:
-            __import__("time").sleep(1)
+            time.sleep(1)
     else:
         pytest.fail("the router never sent the orphaned program to the surviving replica")
     assert other != engine and cached < BLOCK  # served elsewhere, from a re-prefill
