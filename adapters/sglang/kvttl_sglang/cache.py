@@ -541,3 +541,5 @@ class KvttlRadixCache(UnifiedRadixCache):
         if getattr(self, "host", None) is not None:  # a flush (as after a weight update) empties it too
             self.host.reset()
         super().reset()
+        if kit is not None:
+            self._publish()

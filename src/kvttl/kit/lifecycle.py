@@ -611,6 +611,7 @@ class EngineKit:
         self._turns.clear()
         self.programs = ProgramTable(max_programs=self.config.max_programs,
                                      forget_after_s=self.config.forget_after_s)
+        self.changes += 1  # the gauges (live leases, pinned blocks) changed: reporters must look
 
     def check_invariants(self) -> None:
         """Raises AssertionError if the kit and its lease table disagree."""

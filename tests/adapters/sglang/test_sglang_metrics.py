@@ -40,3 +40,8 @@ def test_kvttl_counters_are_in_sglangs_prometheus_metrics_with_vllms_names():
         assert _sample(series, labels) is not None, series
     for name in LEASE_GAUGES:
         assert _sample(f"sglang:kvttl_{name}", labels) is not None, name
+    # a flush (SGLang's flush_cache) brings the gauges to zero at once, not at the next lease event
+    _agent_turn(cache, tokens(5, 40), program_id="F", ttl="60s")
+    assert _sample("sglang:kvttl_leases", labels) == 1
+    cache.reset()
+    assert _sample("sglang:kvttl_leases", labels) == 0 and _sample("sglang:kvttl_pinned_blocks", labels) == 0
