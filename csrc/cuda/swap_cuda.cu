@@ -109,6 +109,18 @@ class CudaTransfer : public swap::Transfer {
   cudaEvent_t event_;
 };
 
+// Makes the work enqueued on `to` from now on wait for what is enqueued on `from` so far.
+void order(cudaStream_t from, cudaStream_t to) {
+  cudaEvent_t ready = nullptr;
+  check(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
+  const cudaError_t recorded = cudaEventRecord(ready, from);
+  const cudaError_t waited = recorded == cudaSuccess ? cudaStreamWaitEvent(to, ready, 0) : recorded;
+  cudaEventDestroy(ready);  // released once the wait is satisfied
+  check(waited, "cudaStreamWaitEvent");
+}
+
+bool is_legacy_stream(cudaStream_t s) { return s == nullptr || s == cudaStreamLegacy; }
+
 int direction_code(swap::Direction dir) {
   return dir == swap::Direction::kToHost ? 0 : dir == swap::Direction::kToDevice ? 1 : 2;
 }
@@ -155,6 +167,7 @@ CudaSwap::CudaSwap(const swap::Layout& layout, int device, int max_ctas)
 }
 
 CudaSwap::~CudaSwap() {
+  if (side_ != nullptr) cudaStreamDestroy(side_);  // returns at once; released once its work is done
   cudaFree(d_bases_);
   cudaFree(d_pages_);
   cudaFree(d_strides_);
@@ -168,13 +181,7 @@ std::shared_ptr<swap::Transfer> CudaSwap::submit(const std::vector<swap::Pair>& 
   cudaEvent_t event = nullptr;
   check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate");
   auto transfer = std::make_shared<CudaTransfer>(device_, event);
-  if (wait_stream != 0) {
-    cudaEvent_t ready = nullptr;
-    check(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
-    check(cudaEventRecord(ready, reinterpret_cast<cudaStream_t>(wait_stream)), "cudaEventRecord");
-    check(cudaStreamWaitEvent(stream, ready, 0), "cudaStreamWaitEvent");
-    cudaEventDestroy(ready);  // released once the wait is satisfied
-  }
+  if (wait_stream != 0) order(reinterpret_cast<cudaStream_t>(wait_stream), stream);
   const size_t L = layout_.layers.size();
   for (size_t l = 0; l < L; ++l) transfer->num_bytes += static_cast<int64_t>(pairs.size()) * layout_.layers[l].page_bytes;
 
@@ -213,15 +220,25 @@ std::shared_ptr<swap::Transfer> CudaSwap::submit(const std::vector<swap::Pair>& 
       cudaMemcpyAttributes attr = {};
       attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
       size_t attr_index = 0;
+      // cudaMemcpyBatchAsync refuses the legacy default stream (invalid argument): there the
+      // batch runs on this engine's own stream, after the legacy stream's work and before what
+      // is enqueued on it next.
+      cudaStream_t on = stream;
+      if (is_legacy_stream(stream)) {
+        if (side_ == nullptr) check(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking), "cudaStreamCreate");
+        on = side_;
+        order(stream, on);
+      }
 #if CUDART_VERSION >= 13000
-      check(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &attr_index, 1, stream),
+      check(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &attr_index, 1, on),
             "cudaMemcpyBatchAsync");
 #else
       size_t fail_index = 0;
       check(cudaMemcpyBatchAsync(dsts.data(), const_cast<void**>(srcs.data()), sizes.data(), dsts.size(), &attr,
-                                 &attr_index, 1, &fail_index, stream),
+                                 &attr_index, 1, &fail_index, on),
             "cudaMemcpyBatchAsync");
 #endif
+      if (on != stream) order(on, stream);
 #else
       throw BadArgument("swap: this build's CUDA runtime has no cudaMemcpyBatchAsync (needs 12.8)");
 #endif

@@ -9,6 +9,8 @@
 
 #include "kvttl/swap.h"
 
+struct CUstream_st;
+
 namespace kvttl::cuda {
 
 using Method = swap::Method;
@@ -43,6 +45,8 @@ class CudaSwap {
   int64_t* d_pages_ = nullptr;
   int64_t* d_strides_ = nullptr;
   int64_t* d_offsets_ = nullptr;
+  // Where batched copies run when the caller names the legacy default stream; made on first use.
+  struct CUstream_st* side_ = nullptr;  // a cudaStream_t, without the CUDA headers here
 };
 
 }  // namespace kvttl::cuda
