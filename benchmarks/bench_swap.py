@@ -19,6 +19,7 @@ import statistics
 import time
 
 import kvttl
+import kvttl.errors
 from kvttl.swap import HostTier, TransferEngine, cuda_unavailable_reason
 
 SHAPES = {"llama-3.1-8b": 64, "llama-3.1-70b-tp4": 160}  # fragments per block (layers x K,V)
@@ -43,6 +44,8 @@ def main(argv=None):
     import torch
 
     dev = torch.device("cuda")
+    header = {"gpu": torch.cuda.get_device_name(), "driver": torch.version.cuda, "build": kvttl.build_info(),
+              "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats}
     rows = []
     for shape, fragments in SHAPES.items():
         for kib in FRAGMENT_KIB:
@@ -64,13 +67,18 @@ def main(argv=None):
                 for direction in ("to_host", "to_device"):
                     for method in ("kernel", "batched", "loop"):
                         times = []
-                        for _ in range(args.repeats):
-                            torch.cuda.synchronize()
-                            t0 = time.perf_counter()
-                            h = (eng.offload(ids, ids, method=method) if direction == "to_host"
-                                 else eng.reload(ids, ids, method=method))
-                            h.wait()
-                            times.append(time.perf_counter() - t0)
+                        try:
+                            for _ in range(args.repeats):
+                                torch.cuda.synchronize()
+                                t0 = time.perf_counter()
+                                h = (eng.offload(ids, ids, method=method) if direction == "to_host"
+                                     else eng.reload(ids, ids, method=method))
+                                h.wait()
+                                times.append(time.perf_counter() - t0)
+                        except kvttl.errors.KvttlError as e:  # one path failing must not hide the others
+                            row[f"{method}_{direction}_error"] = str(e)
+                            row[f"{method}_{direction}_gbps"] = float("nan")
+                            continue
                         row[f"{method}_{direction}_gbps"] = nbytes / statistics.median(times) / 1e9
                     times = []
                     for _ in range(args.repeats):
@@ -88,14 +96,18 @@ def main(argv=None):
                     row[f"kernel_vs_loop_{direction}"] = row[f"kernel_{direction}_gbps"] / row[f"loop_{direction}_gbps"]
                 rows.append(row)
                 print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                _write(header | {"rows": rows, "complete": False}, args.json)  # a cut-off run keeps its rows
             del layers, eng, tier, flat_dev, flat_host
             torch.cuda.empty_cache()
-    out = {"gpu": torch.cuda.get_device_name(), "driver": torch.version.cuda, "build": kvttl.build_info(),
-           "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    out = header | {"rows": rows, "complete": True}
+    _write(out, args.json)
     return out
+
+
+def _write(out, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":
