@@ -68,8 +68,9 @@ class GpuSpec:
 # 81559 MiB of memory, as nvidia-smi and torch.cuda.mem_get_info report it for the "80 GB"
 # part (the datasheet's GB are 2^30 bytes, not 10^9). H200 SXM: same compute, 4.8 TB/s
 # HBM3e (NVIDIA H200 datasheet), 143771 MiB as nvidia-smi reports it for the "141 GB" part.
-# Host link: PCIe Gen5 x16, ~50 GB/s achieved with large pinned copies (DESIGN.md §5), one
-# link per GPU shared by every copy in flight. NVLink 4: 450 GB/s per direction per GPU.
+# Host link: PCIe Gen5 x16, ~50 GB/s achieved (DESIGN.md §5); measured on an H200: 54-55 GB/s
+# for one large pinned copy, 47-52 GB/s through kvttl's kernel for batches of >= 256 blocks
+# (benchmarks/bench_swap.py). One link per GPU, shared by every copy in flight. NVLink 4: 450 GB/s per direction per GPU.
 # Llama 3.1 shapes from the HF configs.
 MiB = 1024**2
 H100 = GpuSpec(name="H100-SXM", peak_flops=989.4e12, hbm_bytes_per_s=3.35e12, memory_bytes=81559 * MiB,
@@ -91,6 +92,9 @@ class CostModel:
     #: Llama-3.1-8B on one H100 about 21.7k prefill tokens/s on 8k-token chunks, the top of
     #: the 15-22k tokens/s vLLM measures there (0.6 gave 32.5k, 1.5-2x too fast, which made
     #: re-prefill cheap and flattered the policies that do not pin; issue #13 review).
+    #: A lone forward pass measures faster: 0.57-0.59 of peak at 2-16k tokens on an H200
+    #: (benchmarks/bench_prefill_gpu.py, transformers' eager Llama-3.1-8B), so 0.4 is on the
+    #: expensive side unless scheduling and mixed decode steps eat the difference under load.
     mfu: float = 0.4
     #: Achieved fraction of HBM bandwidth in decode-heavy steps. Calibrated with the
     #: all-reduce latency below: 8B/H100 decodes a lone request in about 7.9 ms/token and
