@@ -95,13 +95,34 @@ def test_stream_ordering_and_bad_ids(framework):
     assert np.array_equal(tier.array(), before)
 
 
+def cuda_torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    return torch
+
+
+def uint8_engine(torch):
+    layers = [torch.zeros(8, 1 << 16, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    tier = HostTier.for_layers(layers, num_slots=8)
+    return layers, tier, TransferEngine(layers, tier, backend="cuda")
+
+
+def busy_then_fill(torch, layers, value):
+    """Tens of milliseconds of matrix work on the current stream, then the write."""
+    a = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        a = a @ a
+        a /= a.norm()
+    for l in layers:
+        l.fill_(value)
+
+
 def test_host_copier_round_trips_vllm_shaped_bf16_kv():
     """The adapters' path: HostCopier over K and V of a CUDA-shaped vLLM
     layer (``[2, num_blocks, block, heads, head_dim]``, bf16), copies
     ordered after the compute stream."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA device")
+    torch = cuda_torch()
     from kvttl.swap.copier import HostCopier
 
     num_blocks, layers = 64, []
@@ -128,21 +149,12 @@ def test_host_copier_round_trips_vllm_shaped_bf16_kv():
 def test_after_orders_a_transfer_behind_another_streams_writes(method):
     """``after=`` makes an offload on one stream see what another stream
     wrote just before, however long that write takes."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA device")
-    layers = [torch.zeros(8, 1 << 16, dtype=torch.uint8, device="cuda") for _ in range(2)]
-    tier = HostTier.for_layers(layers, num_slots=8)
-    eng = TransferEngine(layers, tier, backend="cuda")
+    torch = cuda_torch()
+    layers, tier, eng = uint8_engine(torch)
     compute, copy = torch.cuda.Stream(), torch.cuda.Stream()
-    a = torch.randn(4096, 4096, device="cuda")
     torch.cuda.synchronize()
     with torch.cuda.stream(compute):
-        for _ in range(20):  # tens of milliseconds of work before the write
-            a = a @ a
-            a /= a.norm()
-        for l in layers:
-            l.fill_(7)
+        busy_then_fill(torch, layers, 7)
     eng.offload(range(8), range(8), stream=copy, after=compute, method=method).wait()
     assert (tier.array() == 7).all()
 
@@ -152,18 +164,9 @@ def test_transfers_on_the_default_stream_keep_its_order(method):
     """With no stream named, a transfer runs after the default stream's work
     and before what is enqueued there next (cudaMemcpyBatchAsync refuses the
     legacy default stream: the batched path runs on a stream of its own)."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA device")
-    layers = [torch.zeros(8, 1 << 16, dtype=torch.uint8, device="cuda") for _ in range(2)]
-    tier = HostTier.for_layers(layers, num_slots=8)
-    eng = TransferEngine(layers, tier, backend="cuda")
-    a = torch.randn(4096, 4096, device="cuda")
-    for _ in range(20):
-        a = a @ a
-        a /= a.norm()
-    for l in layers:
-        l.fill_(7)
+    torch = cuda_torch()
+    layers, tier, eng = uint8_engine(torch)
+    busy_then_fill(torch, layers, 7)
     eng.offload(range(8), range(8), method=method).wait()
     assert (tier.array() == 7).all()
     tier.array()[:] = 3
