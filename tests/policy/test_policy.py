@@ -13,8 +13,10 @@ from kvttl.policy import (
     ContinuumTTL,
     DurationCDF,
     FixedTTL,
+    GittinsOrder,
     InferCeptTTL,
     NeverPin,
+    ProgramLengths,
     QueueEntry,
     ReloadModel,
     SlidingMean,
@@ -263,6 +265,86 @@ def test_each_bundle_gets_fresh_learning_state():
     a, b = get_policy("continuum"), get_policy("continuum")
     a.ttl.on_tool_return("x", 1.0)
     assert b.ttl.estimator.num_observed == 0
+    a, b = get_policy("kvttl"), get_policy("kvttl")
+    a.queue_order.on_program_finished(3)
+    assert len(a.queue_order.lengths) == 1 and len(b.queue_order.lengths) == 0
+
+
+# ---- the Gittins order (issue #13: program FCFS lost to request FCFS on mixed lengths) ------------
+
+def _brute_gittins(lengths, k):
+    rest = [n - k for n in lengths if n > k]
+    if not rest:
+        return None
+    return max(sum(r <= d for r in rest) / sum(min(r, d) for r in rest) for d in range(1, max(rest) + 1))
+
+
+def test_gittins_index_by_hand():
+    same = ProgramLengths(min_programs=1)
+    for _ in range(5):
+        same.add(4)
+    # every program has 4 turns: the one with k done has 4 - k to go, for sure
+    assert [same.index(k) for k in range(4)] == pytest.approx([1 / 4, 1 / 3, 1 / 2, 1.0])
+    split = ProgramLengths(min_programs=1)
+    for n in (1, 20) * 3:
+        split.add(n)
+    # half end after one turn, half run 20: a new program is the better bet than one that survived
+    assert split.index(0) == pytest.approx(0.5) and split.index(1) == pytest.approx(1 / 19)
+
+
+def test_gittins_index_matches_brute_force():
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        lengths = [int(x) for x in rng.integers(1, 30, size=int(rng.integers(1, 40)))]
+        table = ProgramLengths(min_programs=1)
+        for n in lengths:
+            table.add(n)
+        for k in range(0, 32):
+            want, got = _brute_gittins(lengths, k), table.index(k)
+            assert (got is None) if want is None else got == pytest.approx(want)
+
+
+def test_program_lengths_cold_start_window_and_bad_input():
+    table = ProgramLengths(window=4, min_programs=3)
+    table.add(2)
+    table.add(2)
+    assert table.index(0) is None  # too few programs finished to know anything
+    table.add(2)
+    assert table.index(1) == pytest.approx(1.0) and table.index(2) is None  # none ran past 2: not known
+    for _ in range(4):
+        table.add(10)  # the window holds the last 4 only: the 2-turn programs are gone
+    assert len(table) == 4 and table.index(1) == pytest.approx(1 / 9)
+    for bad in (0, -3, 2.5, True, "4", None):
+        with pytest.raises(BadArgumentError, match="number of turns"):
+            table.add(bad)
+    assert len(table) == 4 and table.index(1) == pytest.approx(1 / 9)  # nothing changed
+    with pytest.raises(BadArgumentError, match="min_programs"):
+        ProgramLengths(window=2, min_programs=3)
+
+
+def _entry(arrival, program_arrival, turns_done, *, lease=False):
+    return QueueEntry(arrival, program_arrival, lease, 0.0, turns_done)
+
+
+def test_gittins_order():
+    order = GittinsOrder(ProgramLengths(min_programs=2))
+    old_program, new_program = _entry(9.0, 1.0, turns_done=1), _entry(8.0, 5.0, turns_done=0)
+    # cold start: nothing finished yet, so program FCFS with aging (the aged arrival is the key)
+    assert sorted([new_program, old_program], key=order) == [old_program, new_program]
+    assert order(old_program)[1] == 1.0
+    for n in (1, 20) * 3:
+        order.on_program_finished(n)
+    # half the programs end after one turn: G(0) = 1/2, G(1) = 1/19. The new program moves
+    # half its aging (8 - 3/2), the one that survived its first turn 1/19 of its own (9 - 8/19)
+    assert order(new_program)[1] == pytest.approx(6.5) and order(old_program)[1] == pytest.approx(9 - 8 / 19)
+    pinned, plain = _entry(10.0, 4.0, turns_done=1, lease=True), _entry(8.5, 8.5, 0)
+    # pinned first; a request without a program does not move, and goes before a turn far from its end
+    assert sorted([old_program, new_program, plain, pinned], key=order) == [pinned, new_program, plain, old_program]
+    # a turn never moves further than its aged arrival, nor behind its own arrival
+    for e in (old_program, new_program, plain, pinned):
+        assert e.program_arrival <= order(e)[1] <= e.request_arrival
+    # longer than every program seen: ranked as a new one
+    assert order(_entry(12.0, 0.5, turns_done=25)) == order(_entry(12.0, 0.5, turns_done=0))
 
 
 # ---- turn hints and the tool parser (shared by the engine adapters) ------------------------
@@ -341,5 +423,6 @@ def test_only_a_replay_can_run_the_oracle():
         load_config({"policy": "oracle"})  # an engine's config cannot name it
     bundle = get_policy("oracle", future=lambda pid, turn: None)
     kvttl = get_policy("kvttl")
-    assert (bundle.queue_order, bundle.offload, bundle.revokes, bundle.max_queue_jump_prefills) == (
-        kvttl.queue_order, kvttl.offload, kvttl.revokes, kvttl.max_queue_jump_prefills)
+    assert (type(bundle.queue_order), bundle.offload, bundle.revokes, bundle.max_queue_jump_prefills) == (
+        type(kvttl.queue_order), kvttl.offload, kvttl.revokes, kvttl.max_queue_jump_prefills)
+    assert bundle.queue_order is not kvttl.queue_order  # each learns its own program lengths

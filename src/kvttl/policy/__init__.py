@@ -10,10 +10,11 @@ Policies see numbers, never engine objects; they import only ``kvttl.core``
 and below.
 """
 
-from kvttl.policy.estimator import DurationCDF, SlidingMean, ToolDurationEstimator, TurnCorrelation
+from kvttl.policy.estimator import DurationCDF, ProgramLengths, SlidingMean, ToolDurationEstimator, TurnCorrelation
 from kvttl.policy.hints import MAX_TTL_S, TurnHints, parse_ttl, parse_turn_hints, program_key, tool_from_output
 from kvttl.policy.order import (
     QUEUE_ORDERS,
+    GittinsOrder,
     QueueEntry,
     latest_program_first,
     least_attained_service,
@@ -43,9 +44,9 @@ from kvttl.policy.ttl import (
 )
 
 __all__ = [
-    "DurationCDF", "SlidingMean", "ToolDurationEstimator", "TurnCorrelation",
+    "DurationCDF", "ProgramLengths", "SlidingMean", "ToolDurationEstimator", "TurnCorrelation",
     "MAX_TTL_S", "TurnHints", "parse_ttl", "parse_turn_hints", "program_key", "tool_from_output",
-    "QUEUE_ORDERS", "QueueEntry", "latest_program_first", "least_attained_service",
+    "QUEUE_ORDERS", "GittinsOrder", "QueueEntry", "latest_program_first", "least_attained_service",
     "program_fcfs", "request_fcfs",
     "DEFAULT_POLICIES", "OFFLOAD_MODES", "InferCeptTTL", "SchedulingPolicy", "get_policy",
     "policy_names", "register_policy", "ReloadModel",

@@ -13,6 +13,7 @@ import attrs
 from kvttl.errors import BadArgumentError
 from kvttl.policy.hints import parse_ttl
 from kvttl.policy.order import (
+    GittinsOrder,
     QueueOrder,
     RevocationOrder,
     latest_program_first,
@@ -128,8 +129,9 @@ def get_policy(name: str, **engine_facts) -> SchedulingPolicy:
 def _kvttl(**_):
     return SchedulingPolicy(
         name="kvttl",
-        description="tau* that caps hints by evidence, program FCFS with aging, unpinned blocks offloaded to host DRAM",
-        ttl=KvttlTTL(), queue_order=program_fcfs, revocation=latest_program_first,
+        description="tau* that caps hints by evidence; pinned first, then program FCFS with aging scaled by the "
+                    "Gittins index over learned program lengths; unpinned blocks offloaded to host DRAM",
+        ttl=KvttlTTL(), queue_order=GittinsOrder(), revocation=latest_program_first,
         offload="on_unpin", revokes="later-programs", max_queue_jump_prefills=KVTTL_QUEUE_JUMP_PREFILLS,
     )
 
