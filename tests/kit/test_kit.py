@@ -377,3 +377,22 @@ def test_bad_tool_prior_counts_and_both_jump_bounds_are_refused():
     with pytest.raises(BadArgumentError, match="not both"):
         load_config({"max_queue_jump_s": 1.0, "max_queue_jump_prefills": 2.0})
     assert load_config({"max_queue_jump_s": 1.0, "max_queue_jump_prefills": None})[0].max_queue_jump_s == 1.0
+
+
+def test_the_kvttl_order_learns_program_lengths_from_last_turns_only():
+    """GittinsOrder hears of a program when its last turn finishes, with the
+    turns it ran; an aborted last turn teaches nothing."""
+    k, engine, clock = kit("kvttl")
+    lengths = k.policy.queue_order.lengths
+    for program, turns in (("A", 3), ("B", 1)):
+        for t in range(turns):
+            key = f"{program}{t}"
+            k.arrived(key, hints(program, last_turn=t == turns - 1))
+            k.admitted(key, device_hit_tokens=0)
+            finish(k, key)
+    assert sorted(lengths._order) == [1, 3]
+    k.arrived("C0", hints("C", last_turn=True))
+    k.admitted("C0", device_hit_tokens=0)
+    finish(k, "C0", aborted=True)
+    assert len(lengths) == 2
+    k.check_invariants()

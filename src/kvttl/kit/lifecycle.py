@@ -207,6 +207,8 @@ class EngineKit:
                                      forget_after_s=self.config.forget_after_s)
         self._turns: dict[Hashable, Turn] = {}
         self._revocation = self.policy.revocation
+        #: an order that learns program lengths (GittinsOrder) hears of each program that ends
+        self._order_learns = getattr(self.policy.queue_order, "on_program_finished", None)
         self._empty_steps = 0
         self._sweep_every = min(_SWEEP_EVERY_S, self.config.forget_after_s / 4)
         self._next_sweep = -math.inf
@@ -322,6 +324,8 @@ class EngineKit:
                 self._lease_gone(program, "released")
             if hints.last_turn and not aborted:
                 self.policy.ttl.on_program_finished(program.num_turns)
+                if self._order_learns is not None:
+                    self._order_learns(program.num_turns)
             if program.in_flight == 0:
                 self.programs.remove(program_id)
             return FinishOutcome(False, "aborted" if aborted else "last_turn", tool=tool)
@@ -529,7 +533,7 @@ class EngineKit:
         jump = self.max_queue_jump(program)
         arrival = program.first_arrival if jump is None else max(program.first_arrival, request_arrival - jump)
         return self.policy.queue_order(QueueEntry(request_arrival, arrival, program.pin is not None,
-                                                  program.attained_s))
+                                                  program.attained_s, program.num_turns))
 
     def max_queue_jump(self, program: Program) -> float | None:
         """Seconds before its own arrival that a turn of ``program`` may
