@@ -234,7 +234,9 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--mode", choices=["stock", "kvttl"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--policy", default="continuum")
+    ap.add_argument("--policy", default="continuum",
+                    help="kvttl side's policy; a comma-separated list runs one kvttl side per policy against one "
+                         "stock run (the first is reported at the top level, every one under by_policy)")
     ap.add_argument("--programs", type=int, default=4)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--context", type=int, default=2000, help="tokens in a program's first prompt")
@@ -270,18 +272,34 @@ def main(argv=None):
         model = os.path.join(tmp, "model")
         make_model(model)
 
-        def child(mode):
+        def child(mode, policy):
             forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                         if k not in ("json", "mode", "model")]
-            cmd = [sys.executable, __file__, "--mode", mode, "--model", model, *forwarded]
+                         if k not in ("json", "mode", "model", "policy")]
+            cmd = [sys.executable, __file__, "--mode", mode, "--model", model, f"--policy={policy}", *forwarded]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-                raise SystemExit(f"{mode} run failed")
+                raise SystemExit(f"{mode} run ({policy}) failed")
             return json.loads(line[len("RESULT "):])
 
-        out = {mode: child(mode) for mode in ("stock", "kvttl")}
+        policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+        stock = child("stock", policies[0])
+        sides = {policy: child("kvttl", policy) for policy in policies}
+    by_policy = {policy: compare(stock, side, args) for policy, side in sides.items()}
+    result = by_policy[policies[0]] | {"policy": policies[0]}
+    if len(policies) > 1:
+        result["by_policy"] = by_policy
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def compare(stock: dict, kvttl: dict, args) -> dict:
+    """One kvttl side against the stock run."""
+    out = {"stock": stock, "kvttl": kvttl}
     # Calibrated, each process ran the workload scaled to its own P: compare times in units of P, so
     # that one process running faster than the other (it moves by a third here) does not count.
     unit = {m: out[m]["prefill_s"] or 1.0 for m in out}
@@ -289,7 +307,7 @@ def main(argv=None):
     def ratio(key):
         return (out["stock"][key] / unit["stock"]) / (out["kvttl"][key] / unit["kvttl"])
 
-    result = {
+    return {
         "stock_mean_jct_s": out["stock"]["mean_jct_s"], "kvttl_mean_jct_s": out["kvttl"]["mean_jct_s"],
         "jct_speedup": ratio("mean_jct_s"),
         "jct_speedup_raw_seconds": out["stock"]["mean_jct_s"] / out["kvttl"]["mean_jct_s"],
@@ -314,11 +332,6 @@ def main(argv=None):
         "prefill_tokens_per_s_learned_by_kvttl": out["kvttl"]["prefill_tokens_per_s_learned"],
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "mode", "model")} | {"date": time.strftime("%Y-%m-%d")},
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
 
 
 if __name__ == "__main__":
