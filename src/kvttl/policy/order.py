@@ -5,9 +5,9 @@ A queue order is a function from a ``QueueEntry`` to a sort key, smallest
 first; the engine calls it whenever its waiting queue changed. An order
 that learns (``GittinsOrder``) also has ``on_program_finished(num_turns)``,
 which the engine kit calls as a program ends; it is per engine, like a TTL
-policy, so it is made fresh with each bundle and is not in ``QUEUE_ORDERS``. A revocation
-order is a function from ``(LeaseInfo, now)`` to a sort key, smallest revoked
-first; the engine calls it when an allocation falls short.
+policy, so it is made fresh with each bundle and is not in ``QUEUE_ORDERS``.
+A revocation order is a function from ``(LeaseInfo, now)`` to a sort key,
+smallest revoked first; the engine calls it when an allocation falls short.
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ class GittinsOrder:
     with plain aging, 1.03x scaled; benchmarks/README.md); scaled, no turn
     moves further than the aging bound, the operator's ``max_queue_jump_*``
     keeps its meaning, and a request without a program id, which does not
-    move, waits behind no turn that arrived more than the bound after it. Until enough programs have
-    finished (counted when a turn says ``last_turn``) the index is unknown and
-    this is program FCFS with aging."""
+    move, waits behind no turn that arrived more than the bound after it.
+    Until enough programs have finished (counted when a turn says
+    ``last_turn``) the index is unknown and this is program FCFS with aging."""
 
     __slots__ = ("lengths",)
 
