@@ -85,16 +85,38 @@ def _pressure(replicas, rng):
             r({"prompt": [rng.randrange(2048) for _ in range(2000)], "max_tokens": 2})
 
 
+def _served_by(send, program):
+    """The replica the router sends ``program``'s header to, asked with a tiny finished request."""
+    out = send({"prompt": [1, 2, 3], "max_tokens": 1,
+                "kv_transfer_params": {"kvttl": {"program_id": "probe", "last_turn": True}}}, program)
+    return out["kv_transfer_params"]["kvttl"]["engine_id"]
+
+
+def _two_programs_per_replica(send):
+    """Session ids that hash two to each replica. The hash ring is built from the replicas' URLs,
+    whose ports change every run, so four fixed ids all land on one replica one run in eight."""
+    chosen = {}
+    for i in range(32):  # all 32 on one replica: once in 2**31 runs
+        program = f"fleet-agent-{i}"
+        engine = _served_by(send, program)
+        if len(chosen.setdefault(engine, [])) < 2:
+            chosen[engine].append(program)
+        if len(chosen) == 2 and all(len(ps) == 2 for ps in chosen.values()):
+            return {p: e for e, ps in chosen.items() for p in ps}
+    pytest.fail(f"32 session ids reached only {sorted(chosen)}: the router does not spread them")
+
+
 def test_a_programs_turns_land_on_one_replica_and_hit_its_lease(fleet):
     send, replicas = fleet
     rng = random.Random(5)
     contexts, engines = {}, {}
-    programs = [f"fleet-agent-{i}" for i in range(4)]
+    routed = _two_programs_per_replica(send)
+    programs = sorted(routed)
     for p in programs:
         prompt = [rng.randrange(2048) for _ in range(1000)]
         _, engines[p], _ = _turn(send, p, prompt)
         contexts[p] = prompt  # the next turn extends the prompt (its output ids are not returned here)
-    assert len(set(engines.values())) == 2, "the four programs should spread over both replicas"
+    assert engines == routed, "a first turn did not go where the router sent its session id before"
     _pressure(replicas, rng)
     for p in programs:
         out, engine, cached = _turn(send, p, contexts[p] + [rng.randrange(2048) for _ in range(50)],
