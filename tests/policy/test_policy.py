@@ -334,9 +334,9 @@ def test_gittins_order():
     assert order(old_program)[1] == 1.0
     for n in (1, 20) * 3:
         order.on_program_finished(n)
-    # half the programs end after one turn: G(0) = 1/2, G(1) = 1/19. The new program moves
-    # half its aging (8 - 3/2), the one that survived its first turn 1/19 of its own (9 - 8/19)
-    assert order(new_program)[1] == pytest.approx(6.5) and order(old_program)[1] == pytest.approx(9 - 8 / 19)
+    # half the programs end after one turn: G(0) = 1/2, G(1) = 1/19. The program that survived
+    # its first turn is a worse bet than a new one, so it does not move: request FCFS
+    assert order(new_program)[1] == 8.0 and order(old_program)[1] == 9.0
     pinned, plain = _entry(10.0, 4.0, turns_done=1, lease=True), _entry(8.5, 8.5, 0)
     # pinned first; a request without a program does not move, and goes before a turn far from its end
     assert sorted([old_program, new_program, plain, pinned], key=order) == [pinned, new_program, plain, old_program]
@@ -345,6 +345,17 @@ def test_gittins_order():
         assert e.program_arrival <= order(e)[1] <= e.request_arrival
     # longer than every program seen: ranked as a new one
     assert order(_entry(12.0, 0.5, turns_done=25)) == order(_entry(12.0, 0.5, turns_done=0))
+
+
+def test_gittins_order_moves_a_program_as_far_as_it_is_a_better_bet_than_a_new_one():
+    order = GittinsOrder(ProgramLengths(min_programs=1))
+    for _ in range(5):
+        order.on_program_finished(4)
+    # every program runs 4 turns: G(0) = 1/4, G(2) = 1/2, G(3) = 1. A program with 2 done moves
+    # half of its 10 s of aging (1 - (1/4)/(1/2)), one whose next turn is its last three quarters
+    assert order(_entry(20.0, 10.0, turns_done=2))[1] == pytest.approx(15.0)
+    assert order(_entry(20.0, 10.0, turns_done=3))[1] == pytest.approx(12.5)
+    assert order(_entry(20.0, 10.0, turns_done=0))[1] == 20.0  # a first turn never moves
 
 
 # ---- turn hints and the tool parser (shared by the engine adapters) ------------------------
