@@ -108,3 +108,28 @@ def test_the_scheduler_times_every_step_so_the_kit_learns_this_engines_prefill_r
     rate = kit.prefill_tokens_per_s
     assert math.isfinite(rate) and rate != pytest.approx(kit.config.reload_tokens_per_s, rel=0.01)
     assert kit.reload.prefill_s(1000) == pytest.approx(1000 / rate)
+
+
+def test_a_returning_turn_that_lost_its_context_reports_at_its_first_token(engine):
+    """Issue #17: with the scheduler installed the kit hears each returning
+    turn's first token, and the policy's delay of a lost context runs to it."""
+    llm, scheduler = engine
+    kit = scheduler.connector.kit
+    seen = []
+    ttl = kit.policy.ttl
+    ttl.on_admitted = lambda delay, evicted: seen.append((delay, evicted))
+    try:
+        llm.llm_engine.add_request("ft-1", TokensPrompt(prompt_token_ids=list(range(1, 300))),
+                                   params(program_id="first-token"))
+        drain(llm)
+        kit.release("first-token")  # whatever the policy pinned: nothing of it is reused below
+        # the next turn shares nothing with the first: its context is lost
+        llm.llm_engine.add_request("ft-2", TokensPrompt(prompt_token_ids=list(range(1000, 1400))),
+                                   params(max_tokens=6, program_id="first-token", last_turn=True))
+        llm.llm_engine.step()  # admitted and prefilled in one step: its first token is out
+        assert kit.times_first_tokens and not kit.awaiting_first_token
+        assert len(seen) == 1 and seen[0][1] is True and 0 <= seen[0][0] < 60
+        drain(llm)
+        assert len(seen) == 1
+    finally:
+        del ttl.on_admitted

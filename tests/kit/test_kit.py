@@ -396,3 +396,76 @@ def test_the_kvttl_order_learns_program_lengths_from_last_turns_only():
     finish(k, "C0", aborted=True)
     assert len(lengths) == 2
     k.check_invariants()
+
+
+class _Delays:
+    """The on_admitted reports a policy receives."""
+
+    def __init__(self, ttl):
+        self.ttl, self.seen = ttl, []
+        ttl.on_admitted = lambda delay, evicted: self.seen.append((round(delay, 6), evicted))
+
+
+def test_with_first_tokens_a_lost_context_reports_its_delay_beyond_its_own_prefill():
+    """An engine that reports first tokens: a returning turn's delay runs to
+    its first token, less the prefill it needed at the learned rate, so a
+    re-prefill slowed by other work counts; a hit reports too, not evicted."""
+    k, engine, clock = kit("continuum", measure_costs=False, reload_tokens_per_s=1000.0)
+    delays = _Delays(k.policy.ttl)
+    k.times_first_tokens = True
+    k.arrived("a0", hints("A"), prompt_tokens=100)
+    k.admitted("a0", device_hit_tokens=0)
+    k.first_token("a0")  # a first turn: nothing to report
+    finish(k, "a0", blocks=(1, 2, 3, 4, 5, 6))  # 101 tokens of context
+    clock.t += 2
+    k.arrived("a1", hints("A"), prompt_tokens=150)
+    clock.t += 0.5
+    k.admitted("a1", device_hit_tokens=0)  # everything lost: 150 tokens to prefill, 0.15 s
+    assert delays.seen == [] and k.awaiting_first_token == {"a1"}
+    k.check_invariants()
+    clock.t += 0.75
+    k.first_token("a1")
+    assert delays.seen == [(1.1, True)] and not k.awaiting_first_token  # 1.25 s - 0.15 s
+    k.first_token("a1")  # reported once
+    assert len(delays.seen) == 1
+    finish(k, "a1", blocks=(1, 2, 3, 4, 5, 6, 7, 8, 9))
+    # a turn that finishes before anyone saw its first token reports at its finish
+    k.arrived("a2", hints("A"), prompt_tokens=160)
+    k.admitted("a2", device_hit_tokens=144)
+    clock.t += 0.1
+    finish(k, "a2")
+    assert delays.seen[-1] == (0.084, False)  # 0.1 s - 16 tokens' 0.016 s
+    k.check_invariants()
+
+
+def test_an_aborted_or_reset_turn_awaiting_its_first_token_reports_nothing():
+    k, engine, clock = kit("continuum", measure_costs=False)
+    delays = _Delays(k.policy.ttl)
+    k.times_first_tokens = True
+    for key in ("a0", "a1"):
+        k.arrived(key, hints("A"))
+        k.admitted(key, device_hit_tokens=0)
+        finish(k, key)
+    assert k.awaiting_first_token == set() and len(delays.seen) == 1  # a1 reported at its finish
+    k.arrived("a2", hints("A"))
+    k.admitted("a2", device_hit_tokens=0)
+    finish(k, "a2", aborted=True)
+    k.arrived("b0", hints("B"))
+    finish(k, "b0")
+    k.arrived("b1", hints("B"))
+    k.admitted("b1", device_hit_tokens=0)
+    assert k.awaiting_first_token == {"b1"}
+    k.reset()
+    assert not k.awaiting_first_token and len(delays.seen) == 1
+    k.check_invariants()
+
+
+def test_without_first_tokens_a_returning_turn_reports_at_admission():
+    k, engine, clock = kit("continuum", measure_costs=False)
+    delays = _Delays(k.policy.ttl)
+    k.arrived("a0", hints("A"))
+    finish(k, "a0")
+    k.arrived("a1", hints("A"))
+    clock.t += 0.25
+    k.admitted("a1", device_hit_tokens=0)
+    assert delays.seen == [(0.25, True)] and not k.awaiting_first_token

@@ -141,16 +141,24 @@ class KvttlScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         """Times the step before vLLM digests it: from the later of its
         scheduling and the previous step's output (with async scheduling the
-        next step is scheduled while this one runs) to its output."""
+        next step is scheduled while this one runs) to its output. Then tells
+        the kit which returning turns have their first token."""
         now = time.perf_counter()
         started = getattr(scheduler_output, "_kvttl_scheduled_at", None)
         tokens = scheduler_output.total_num_scheduled_tokens
-        if started is not None and tokens:
-            kit = kit_of(self.connector)
-            if kit is not None:
+        kit = kit_of(self.connector)
+        if kit is not None:
+            kit.times_first_tokens = True
+            if started is not None and tokens:
                 kit.observe_step(tokens, now - max(started, self._kvttl_last_output_at))
         self._kvttl_last_output_at = now
-        return super().update_from_output(scheduler_output, model_runner_output)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if kit is not None and kit.awaiting_first_token:
+            # (a request that finished in this step reported itself as it finished)
+            for rid in [rid for rid in kit.awaiting_first_token
+                        if (r := self.requests.get(rid)) is not None and r.num_output_tokens > 0]:
+                kit.first_token(rid)
+        return outputs
 
     def program_key(self, request: Request) -> tuple:
         """The kit's queue key; vLLM's FCFS (arrival order) without kvttl's

@@ -8,6 +8,7 @@ policy's order, offload decisions, queue keys, counters)::
     ------                                     ---
     a request arrives ......................... arrived(key, hints)     -> the program returns from its tool
     it gets its blocks (prefix hit known) ..... admitted(key, ...)      -> hand the old lease over
+    its first output token (optional) ......... first_token(key)        -> what a lost context cost
     it finishes (or is aborted) ............... finished(key, ...)      -> TTL, grant, offload
     every step ................................ tick() / step(...)      -> expiry; give a lease back on a stall
     an allocation falls short ................. revoke(...)             -> leases go, in the policy's order
@@ -82,7 +83,8 @@ class EngineHooks(Protocol):
 class Turn:
     """The kit's record of one request in flight, from arrival to finish."""
 
-    __slots__ = ("program", "hints", "index", "arrived_at", "prompt_tokens", "admitted_at", "service_reported")
+    __slots__ = ("program", "hints", "index", "arrived_at", "prompt_tokens", "admitted_at", "service_reported",
+                 "lost_context", "prefill_tokens")
 
     def __init__(self, program: Program, hints: TurnHints, index: int, arrived_at: float, prompt_tokens):
         self.program = program
@@ -92,6 +94,10 @@ class Turn:
         self.prompt_tokens = prompt_tokens
         self.admitted_at: float | None = None
         self.service_reported = False
+        #: set at admission while the policy waits for this returning turn's first token
+        #: (EngineKit.times_first_tokens): whether its context was lost, the tokens it prefills
+        self.lost_context: bool | None = None
+        self.prefill_tokens = 0
 
     def add_service(self, seconds: float) -> None:
         """Engine seconds this turn just received (its share of a step), for
@@ -217,6 +223,10 @@ class EngineKit:
         self.changes = 0
         self._held = 0  # programs whose lease the engine holds: the table's lease count, kept in Python
         self._tenant_pinned: dict[str, int] = {}  # blocks each tenant's leases pin (entries only while > 0)
+        #: the engine calls first_token() for every request it serves (see there)
+        self.times_first_tokens = False
+        #: keys of returning turns admitted and not yet at their first token
+        self.awaiting_first_token: set[Hashable] = set()
 
     def _offload_mode(self) -> str:
         if not self.has_host_tier:
@@ -290,10 +300,38 @@ class EngineKit:
             if turn.prompt_tokens is not None:
                 previous = min(previous, turn.prompt_tokens)
             kept = previous // self.block_size * self.block_size
-            self.policy.ttl.on_admitted(now - turn.arrived_at, device_hit_tokens < kept)
+            if self.times_first_tokens:
+                turn.lost_context = device_hit_tokens < kept
+                prompt = program.context_tokens if turn.prompt_tokens is None else turn.prompt_tokens
+                turn.prefill_tokens = max(0, prompt - device_hit_tokens)
+                self.awaiting_first_token.add(key)
+            else:
+                self.policy.ttl.on_admitted(now - turn.arrived_at, device_hit_tokens < kept)
         if program.pin is not None:
             self.table.release(program.program_id)
             self._lease_gone(program, "released")
+
+    def first_token(self, key: Hashable, *, now: float | None = None) -> None:
+        """The request produced its first output token: its prefill is done.
+
+        An engine that calls this for the requests it serves (and sets
+        ``times_first_tokens``) shows the policy what a lost context really
+        cost: a returning turn's delay is then its time from arrival to first
+        token less its own prefill at the engine's measured rate (from
+        admission only, the delay misses a re-prefill slowed by other work
+        sharing its steps, as chunked prefill does). Without it a returning
+        turn reports its queueing delay at admission. A turn that finishes
+        first reports at its finish; an aborted one reports nothing."""
+        turn = self._turns.get(key)
+        if turn is None or turn.lost_context is None:
+            return
+        self._report_first_token(key, turn, self._now(now))
+
+    def _report_first_token(self, key: Hashable, turn: Turn, now: float) -> None:
+        lost, turn.lost_context = turn.lost_context, None
+        self.awaiting_first_token.discard(key)
+        delay = max(0.0, now - turn.arrived_at - self.reload.prefill_s(turn.prefill_tokens))
+        self.policy.ttl.on_admitted(delay, lost)
 
     def finished(self, key: Hashable, *, blocks, num_tokens: int, free_blocks: int, pin_ref=None,
                  tool: str | None = None, aborted: bool = False, now: float | None = None) -> FinishOutcome | None:
@@ -307,6 +345,12 @@ class EngineKit:
         if turn is None:
             return None
         now = self._now(now)
+        if turn.lost_context is not None:
+            if aborted:
+                turn.lost_context = None
+                self.awaiting_first_token.discard(key)
+            else:
+                self._report_first_token(key, turn, now)
         program, hints = turn.program, turn.hints
         program_id = program.program_id
         program.in_flight -= 1
@@ -613,6 +657,7 @@ class EngineKit:
         self._held = 0
         self._tenant_pinned.clear()
         self._turns.clear()
+        self.awaiting_first_token.clear()
         self.programs = ProgramTable(max_programs=self.config.max_programs,
                                      forget_after_s=self.config.forget_after_s)
         self.changes += 1  # the gauges (live leases, pinned blocks) changed: reporters must look
@@ -631,3 +676,5 @@ class EngineKit:
         assert tenants == self._tenant_pinned, f"tenant pins {tenants}, counted {self._tenant_pinned}"
         in_flight = sum(p.in_flight for p in self.programs)
         assert in_flight == len(self._turns), f"{in_flight} turns counted in flight, {len(self._turns)} known"
+        awaiting = {key for key, turn in self._turns.items() if turn.lost_context is not None}
+        assert awaiting == self.awaiting_first_token, "turns awaiting their first token disagree"

@@ -8,8 +8,10 @@ string:
 - ``offload(turn)``             the same turn: copy it to the host tier now? (default: no)
 - ``set_prior(tool, mean_s)``   once, at start: the operator's expectation of a tool
 - ``on_tool_return(tool, s)``   the program's next turn arrived ``s`` seconds after the finish
-- ``on_admitted(delay_s, evicted)``  a returning turn was scheduled after ``delay_s`` in queue;
-                                ``evicted``: its previous context was (partly) gone
+- ``on_admitted(delay_s, evicted)``  a returning turn waited ``delay_s`` beyond its own
+                                prefill (to admission; to its first token where the engine
+                                reports first tokens); ``evicted``: its previous context was
+                                (partly) gone
 - ``on_program_finished(n)``    a program ended after ``n`` turns
 """
 
@@ -96,8 +98,10 @@ class TTLPolicy(Protocol):
         """The program's next turn arrived ``duration_s`` after this one finished."""
 
     def on_admitted(self, queue_delay_s: float, evicted: bool) -> None:
-        """A returning turn was scheduled after ``queue_delay_s``; ``evicted``:
-        the device had lost part of its previous context."""
+        """A returning turn waited ``queue_delay_s`` beyond its own prefill: to
+        its admission, or to its first token less its prefill where the engine
+        reports first tokens (``EngineKit.first_token``); ``evicted``: the
+        device had lost part of its previous context."""
 
     def on_program_finished(self, num_turns: int) -> None:
         """A program sent its last turn, its ``num_turns``-th."""
@@ -166,8 +170,8 @@ class ContinuumTTL(TTLPolicy):
     """tau* from the paper, with every term learned online.
 
     - F_f: ``ToolDurationEstimator`` (prior -> global -> per-tool CDF).
-    - T: sliding mean of the queueing delay of returning turns that found
-      their context evicted.
+    - T: sliding mean of the delay of returning turns that found their
+      context evicted, beyond their own prefill (``on_admitted``).
     - eta: ``TurnCorrelation`` over finished programs.
     - Reload: given per turn by the engine (``TurnContext.reload_s``).
     Explicit hints (``hint_ttl_s``) win when ``honor_hints`` is set.
