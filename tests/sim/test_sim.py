@@ -572,11 +572,11 @@ def test_the_readmes_simulator_table_is_what_the_code_produces(tmp_path):
 def test_the_gittins_order_beats_program_fcfs_on_mixed_program_lengths():
     """Issue #13: on short and long programs mixed, program FCFS serves the
     old, long programs first (kvttl 289.3 s against vllm-lmcache's 261.0 s at
-    0.4 jps). Aging scaled by the Gittins index moves a turn near its
-    program's likely end further forward: measured 281.3 s, and 60.9 s
-    against 78.5 s for the 1-5-turn programs. vllm-lmcache stays ahead here
-    (261.0 s; 43.9 s for the short ones): the scaled move is bounded by the
-    aging bound, which request FCFS does not have."""
+    0.4 jps). The Gittins order moves a turn only as far as its program is
+    a better bet than a new one, nearly not at all with lengths this close to
+    memoryless: measured 268.2 s, and 49.1 s against 78.5 s for the 1-5-turn
+    programs. vllm-lmcache stays ahead here (261.0 s; 43.9 s for the short
+    ones)."""
     import attrs
 
     from kvttl.policy import program_fcfs

@@ -300,13 +300,14 @@ class EngineKit:
             if turn.prompt_tokens is not None:
                 previous = min(previous, turn.prompt_tokens)
             kept = previous // self.block_size * self.block_size
+            lost = device_hit_tokens < kept
             if self.times_first_tokens:
-                turn.lost_context = device_hit_tokens < kept
+                turn.lost_context = lost
                 prompt = program.context_tokens if turn.prompt_tokens is None else turn.prompt_tokens
                 turn.prefill_tokens = max(0, prompt - device_hit_tokens)
                 self.awaiting_first_token.add(key)
             else:
-                self.policy.ttl.on_admitted(now - turn.arrived_at, device_hit_tokens < kept)
+                self.policy.ttl.on_admitted(now - turn.arrived_at, lost)
         if program.pin is not None:
             self.table.release(program.program_id)
             self._lease_gone(program, "released")

@@ -129,8 +129,9 @@ def get_policy(name: str, **engine_facts) -> SchedulingPolicy:
 def _kvttl(**_):
     return SchedulingPolicy(
         name="kvttl",
-        description="tau* that caps hints by evidence; pinned first, then program FCFS with aging scaled by the "
-                    "Gittins index over learned program lengths; unpinned blocks offloaded to host DRAM",
+        description="tau* that caps hints by evidence; pinned first, then program FCFS aged by how much nearer "
+                    "its end a program is than a new one (Gittins index of learned program lengths); unpinned "
+                    "blocks offloaded to host DRAM",
         ttl=KvttlTTL(), queue_order=GittinsOrder(), revocation=latest_program_first,
         offload="on_unpin", revokes="later-programs", max_queue_jump_prefills=KVTTL_QUEUE_JUMP_PREFILLS,
     )
