@@ -18,6 +18,11 @@ tensor-parallel rank (SGLang's own contract for its cache):
                      due leases go, SGLang evicts what is unlocked, and only
                      when that falls short are leases revoked and evicted
                      again: a pin never makes SGLang retract a running request
+- ``on_batch_result`` (from the hook after ``Scheduler.process_batch_result``)
+                     a prefill step is timed (``kit.observe_step``: the
+                     re-prefill cost the TTL rule weighs is this engine's),
+                     and returning turns with their first output token say
+                     so (``kit.first_token``)
 - ``relieve_pressure`` (from the scheduling hook, see ``plugin.py``) the head
                      of the waiting queue does not fit: leases are revoked as
                      the policy allows (later programs only, unless nothing
@@ -135,6 +140,19 @@ def _hints_of(req) -> TurnHints | None:
         hints = req._kvttl_hints = turn_hints(req, errors)
         req._kvttl_hint_errors = errors
     return hints
+
+
+def _chunk_tokens() -> int | None:
+    """SGLang's chunked-prefill size (a prompt longer than it is prefilled
+    over several steps, each paying the step's fixed cost), None when off or
+    not published."""
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        size = getattr(get_server_args(), "chunked_prefill_size", None)
+    except ValueError:  # no server args published (a cache built outside a server)
+        return None
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _entry_time(req) -> float:
@@ -322,7 +340,7 @@ class KvttlRadixCache(UnifiedRadixCache):
             page_bytes = sum(layer[0].numel() * layer.element_size() for layer in layers)
             self.host = _HostTier(self, host_tier_slots(host_config, page_bytes, source=CONFIG_ENV), layers)
         self.kit = EngineKit(_Hooks(self), num_blocks=num_pages, block_size=self._page, config=self.kvttl_config,
-                             clock=self._now, has_host_tier=self.host is not None,
+                             clock=self._now, has_host_tier=self.host is not None, chunk_tokens=_chunk_tokens(),
                              kv_bytes_per_token=self.host.copier.slot_bytes / self._page if self.host else 0.0)
         collector = getattr(self, "metrics_collector", None)  # SGLang's own, with --enable-metrics
         self._metrics = KvttlMetrics(collector.labels) if collector is not None else None
@@ -332,6 +350,7 @@ class KvttlRadixCache(UnifiedRadixCache):
         # set by the plugin when SGLang sleeps while idle (an iteration then
         # waits up to a second for a request): check at every idle iteration
         self._sleeps_on_idle = False
+        self._last_result_at: float | None = None  # time.monotonic() of the last batch result seen
         logger.info("kvttl radix cache: policy %s, pinned-share cap %.2f, %d pages",
                     self.kvttl_config.policy, self.kvttl_config.pinned_share_cap, num_pages)
 
@@ -358,12 +377,15 @@ class KvttlRadixCache(UnifiedRadixCache):
         """One clock reading every rank agrees on. Called only while leases or
         hinted requests exist, so every rank calls it at the same point of
         the same call."""
-        now = float(self._clock())
+        return self._agreed_max(float(self._clock()))[0]
+
+    def _agreed_max(self, *values: float) -> list[float]:
+        """Each value's maximum over the ranks, in one collective (none on one rank)."""
         if self.tp_world_size > 1 or self.pp_size > 1:
-            t = torch.tensor([now], dtype=torch.float64)
+            t = torch.tensor(values, dtype=torch.float64)
             self._all_reduce(t, torch.distributed.ReduceOp.MAX)
-            now = float(t.item())
-        return now
+            return t.tolist()
+        return list(values)
 
     def _agree(self, ok: bool) -> bool:
         """True only if ``ok`` on every tensor-parallel rank (a collective; the
@@ -408,6 +430,50 @@ class KvttlRadixCache(UnifiedRadixCache):
                 self.kit.finished(rid, blocks=(), num_tokens=0, free_blocks=0, aborted=True, now=now)
         self._publish()
         return now
+
+    def on_batch_result(self, batch) -> None:
+        """SGLang processed one forward's result (the plug-in's hook after
+        ``Scheduler.process_batch_result``; every rank, the same batch).
+
+        A prefill (extend) step is timed from its launch, or from the previous
+        result when that came later (with overlap scheduling the next batch
+        launches before this one's result is read), to now, and goes to the
+        kit's step-cost line with its new tokens: Reload(r) then follows this
+        engine's prefill rate, not the configured prior. Decode steps are not
+        timed: they add no prefill tokens, and each would cost a collective
+        under tensor parallelism. Then the batch's returning turns report
+        admission (if no other hook saw it first) and, once they have an output
+        token, their first token: the policy's T runs to it.
+
+        Under tensor or pipeline parallelism the step time and the clock are
+        agreed (one all-reduce), and only while the kit has turns in flight,
+        which every rank knows alike; on one rank every prefill step counts."""
+        done = time.monotonic()
+        last, self._last_result_at = self._last_result_at, done
+        kit = self.kit
+        kit.times_first_tokens = True
+        mode = batch.forward_mode
+        if mode is None or not mode.is_extend():
+            return
+        parallel = self.tp_world_size > 1 or self.pp_size > 1
+        if parallel and not kit.num_turns_in_flight:
+            return
+        launched = batch.launch_ts if batch.launch_ts is not None else done
+        seconds = max(0.0, done - (launched if last is None else max(launched, last)))
+        tokens = int(batch.extend_num_tokens or 0)
+        awaiting = [r for r in batch.reqs if r.rid in self._waiting or r.rid in kit.awaiting_first_token]
+        if not awaiting and not tokens:
+            return
+        seconds, now = self._agreed_max(seconds, float(self._clock())) if awaiting or parallel else (seconds, None)
+        if tokens:
+            kit.observe_step(tokens, seconds)
+        for req in awaiting:
+            if req.rid in self._waiting and req.lock is not None:
+                self._admitted(req.rid, req, now)
+            if req.rid in kit.awaiting_first_token and len(req.output_ids):
+                kit.first_token(req.rid, now=now)
+        if awaiting:
+            self._publish()  # an admission hands the old lease over
 
     def _admitted(self, rid: str, req, now: float) -> None:
         del self._waiting[rid]

@@ -11,7 +11,9 @@ level (pinned programs first, then by the program's first arrival) and, if its
 head cannot fit, leases of later programs are revoked. A second hook marks
 the lease report (``customized_info["kvttl"]``, set when a turn finishes) as
 one value per request, so it reaches the client as ``meta_info["kvttl"]``.
-A third, after ``Scheduler.on_idle``, expires leases on an idle server.
+A third, after ``Scheduler.on_idle``, expires leases on an idle server. A
+fourth, after ``Scheduler.process_batch_result``, times prefill steps and reports
+returning turns' first tokens (``KvttlRadixCache.on_batch_result``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ logger = logging.getLogger("kvttl.sglang")
 BACKEND_NAME = "kvttl"
 CALC_PRIORITY = "sglang.srt.managers.schedule_policy.SchedulePolicy.calc_priority"
 ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
+BATCH_RESULT = "sglang.srt.managers.scheduler.Scheduler.process_batch_result"
 REQUEST_LEVEL_KEY = ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
                      "is_request_level_customized_info_key")
 
@@ -73,6 +76,16 @@ def after_on_idle(result, scheduler, *args, **kwargs):
     return result
 
 
+def after_process_batch_result(result, scheduler, batch, *args, **kwargs):
+    """AFTER hook of Scheduler.process_batch_result: the step's cost and first tokens."""
+    from kvttl_sglang.cache import KvttlRadixCache
+
+    cache = getattr(scheduler, "tree_cache", None)
+    if isinstance(cache, KvttlRadixCache):
+        cache.on_batch_result(batch)
+    return result
+
+
 def register() -> None:
     """Entry point: register the backend and the scheduling hook (idempotent)."""
     global _registered
@@ -86,5 +99,6 @@ def register() -> None:
     HookRegistry.register(CALC_PRIORITY, after_calc_priority, HookType.AFTER)
     HookRegistry.register(REQUEST_LEVEL_KEY, after_is_request_level_key, HookType.AFTER)
     HookRegistry.register(ON_IDLE, after_on_idle, HookType.AFTER)
+    HookRegistry.register(BATCH_RESULT, after_process_batch_result, HookType.AFTER)
     _registered = True
     logger.info("kvttl: radix cache backend %r registered", BACKEND_NAME)
