@@ -46,11 +46,14 @@ def publish_server_args() -> None:
     """SGLang's request and cache code read the process-wide config; publish a CPU one once."""
     global _published
     if not _published:
+        import atexit
+        import shutil
         import tempfile
 
         import transformers
 
         model_dir = tempfile.mkdtemp(prefix="kvttl-sglang-model-")  # a config only: no weights load
+        atexit.register(shutil.rmtree, model_dir, ignore_errors=True)
         transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=2048,
                                  architectures=["LlamaForCausalLM"]).save_pretrained(model_dir)
