@@ -95,6 +95,7 @@ def run_mode(args) -> dict:
         programs = []
         bg_started, bg_latency = {}, []
         returning = lost = 0  # returning turns, and those whose context was (partly) re-prefilled
+        turn_latency = {"kept": [], "lost": []}  # returning turns, arrival to finish, by whether context was lost
         leases_before = dict(connector.stats) if connector is not None else {}
         t0 = time.monotonic()
         for p in range(args.programs):
@@ -112,7 +113,7 @@ def run_mode(args) -> dict:
                     engine.add_request(rid, TokensPrompt(prompt_token_ids=p["prompt"]),
                                        params(args.output, {"program_id": p["id"], "tool": "bash", "last_turn": last}))
                     inflight[rid] = p
-                    p["next"] = None
+                    p["next"], p["sent"] = None, now
             if now >= bg_next:  # background single-turn traffic
                 engine.add_request(f"bg{bg_count}", TokensPrompt(prompt_token_ids=[rng.randrange(2048) for _ in range(args.context)]),
                                    params(4))
@@ -132,7 +133,9 @@ def run_mode(args) -> dict:
                 prompt_tokens += len(out.prompt_token_ids)
                 if p["turn"] > 0:  # all but the last block of the previous context could have been kept
                     returning += 1
-                    lost += (out.num_cached_tokens or 0) < (p["kept"] // block - 1) * block
+                    was_lost = (out.num_cached_tokens or 0) < (p["kept"] // block - 1) * block
+                    lost += was_lost
+                    turn_latency["lost" if was_lost else "kept"].append(time.monotonic() - p["sent"])
                 p["kept"] = len(p["prompt"]) + len(out.outputs[0].token_ids)
                 p["prompt"] = p["prompt"] + list(out.outputs[0].token_ids) + [rng.randrange(2048) for _ in range(args.new_tokens)]
                 p["turn"] += 1
@@ -147,7 +150,7 @@ def run_mode(args) -> dict:
         jct = [p["done"] - p["start"] for p in programs]
         leases = {k: connector.stats[k] - leases_before.get(k, 0) for k in ("granted", "hit")} if connector else {}
         return {"jct": jct, "hit": cached / max(1, prompt_tokens), "bg": bg_latency,
-                "lost": lost / max(1, returning), "leases": leases}
+                "lost": lost / max(1, returning), "leases": leases, "turn_latency": turn_latency}
 
     results = [agents_once() for _ in range(args.repeats)]
     jcts = [statistics.mean(r["jct"]) for r in results]
@@ -166,14 +169,29 @@ def run_mode(args) -> dict:
               "tok_s": statistics.median(rates),
               "background_mean_s": statistics.median(statistics.mean(r["bg"]) for r in results),
               "background_p95_s": statistics.median(p95(r["bg"]) for r in results),
-              "returning_turns_lost": statistics.median(r["lost"] for r in results)}
+              "returning_turns_lost": statistics.median(r["lost"] for r in results),
+              # what a kept context saves a returning turn, measured: mean latency of each kind over all repeats
+              "returning_turn_latency_s": {kind: statistics.mean(x for r in results for x in r["turn_latency"][kind])
+                                           if any(r["turn_latency"][kind] for r in results) else None
+                                           for kind in ("kept", "lost")}}
     if args.mode == "kvttl":
         result["leases_granted"] = statistics.median(r["leases"]["granted"] for r in results)
         result["lease_hit_share"] = statistics.median(r["leases"]["hit"] / max(1, r["leases"]["granted"])
                                                       for r in results)
         result["prefill_tokens_per_s_learned"] = connector.kit.prefill_tokens_per_s
+        result["policy_terms"] = policy_terms(connector.kit, args.context)
         result["hook_share"] = hook_share(llm, single, args)
     return result
+
+
+def policy_terms(kit, context_tokens: int) -> dict | None:
+    """What the TTL policy believes a hit is worth at the end of the run, for
+    policies that learn it (Eq. 2's T, eta and Reload of a --context prompt)."""
+    ttl = kit.policy.ttl
+    if not hasattr(ttl, "evicted_delay"):
+        return None
+    return {"evicted_delay_T_s": ttl.evicted_delay.mean(), "eta": ttl.correlation.eta,
+            "prefill_s": kit.reload.prefill_s(context_tokens), "estimator_stage": ttl.estimator.stage("bash")}
 
 
 def p95(values) -> float:
@@ -330,6 +348,10 @@ def compare(stock: dict, kvttl: dict, args) -> dict:
         "returning_turns_lost_kvttl": out["kvttl"]["returning_turns_lost"],
         "leases_granted": out["kvttl"]["leases_granted"], "lease_hit_share": out["kvttl"]["lease_hit_share"],
         "prefill_tokens_per_s_learned_by_kvttl": out["kvttl"]["prefill_tokens_per_s_learned"],
+        # returning turns' latency (add -> finish, seconds) when their context was kept or lost: a
+        # hit's measured worth to its own turn, next to what the TTL policy believes it is worth
+        "returning_turn_latency_s": {m: out[m]["returning_turn_latency_s"] for m in out},
+        "policy_terms": out["kvttl"]["policy_terms"],
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "mode", "model")} | {"date": time.strftime("%Y-%m-%d")},
     }
 
