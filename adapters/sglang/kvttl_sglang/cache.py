@@ -150,7 +150,7 @@ def _chunk_tokens() -> int | None:
         from sglang.srt.runtime_context import get_server_args
 
         size = getattr(get_server_args(), "chunked_prefill_size", None)
-    except ValueError:  # no server args published (a cache built outside a server)
+    except (ImportError, ValueError):  # an SGLang without them, or none published (a cache outside a server)
         return None
     return size if isinstance(size, int) and size > 0 else None
 
@@ -445,20 +445,28 @@ class KvttlRadixCache(UnifiedRadixCache):
         admission (if no other hook saw it first) and, once they have an output
         token, their first token: the policy's T runs to it.
 
-        Under tensor or pipeline parallelism the step time and the clock are
-        agreed (one all-reduce), and only while the kit has turns in flight,
-        which every rank knows alike; on one rank every prefill step counts."""
+        Under tensor parallelism the step time and the clock are agreed (one
+        all-reduce), and only while the kit has turns in flight, which every
+        rank knows alike; on one rank every prefill step counts. Under
+        pipeline parallelism nothing is timed (a stage sees the micro-batch
+        cadence, not a prefill's cost), nor on a disaggregated decode server
+        (no prefill runs there): returning turns then report at admission.
+        Not subtracted: a pause (``pause_generation``) between a step and its
+        result, and host-tier copies made inside the step's result processing."""
         done = time.monotonic()
         last, self._last_result_at = self._last_result_at, done
-        kit = self.kit
-        kit.times_first_tokens = True
         mode = batch.forward_mode
-        if mode is None or not mode.is_extend():
-            return
-        parallel = self.tp_world_size > 1 or self.pp_size > 1
+        if (mode is None or not mode.is_extend_without_speculative() or self.pp_size > 1
+                or (batch.decoding_reqs is not None and batch.decoding_reqs is batch.reqs)):
+            return  # not a prefill, or decode viewed as 1-token extends (DP attention), or a later stage's cadence
+        kit = self.kit
+        kit.times_first_tokens = True  # (not on a disaggregated decode server: it runs no prefill)
+        parallel = self.tp_world_size > 1
         if parallel and not kit.num_turns_in_flight:
             return
         launched = batch.launch_ts if batch.launch_ts is not None else done
+        if mode.is_split_prefill() and batch.split_prefill_start is not None:
+            launched = batch.split_prefill_start[1]  # the result comes once, after the last split
         seconds = max(0.0, done - (launched if last is None else max(launched, last)))
         tokens = int(batch.extend_num_tokens or 0)
         awaiting = [r for r in batch.reqs if r.rid in self._waiting or r.rid in kit.awaiting_first_token]
@@ -478,7 +486,10 @@ class KvttlRadixCache(UnifiedRadixCache):
     def _admitted(self, rid: str, req, now: float) -> None:
         del self._waiting[rid]
         # what the device kept, as vLLM reports it: tokens the host tier brought back do not count
-        kept = int(getattr(req, "prefix_len", 0) or 0) - getattr(req, "_kvttl_reloaded", 0)
+        # (its last match before the lock: by now a chunk's checkpoint may have advanced req.prefix_len)
+        matched = getattr(req, "_kvttl_device_match", None)
+        matched = int(getattr(req, "prefix_len", 0) or 0) if matched is None else matched
+        kept = matched - getattr(req, "_kvttl_reloaded", 0)
         self.kit.admitted(rid, device_hit_tokens=max(0, kept), now=now)
 
     # ---- SGLang hooks -----------------------------------------------------------
@@ -489,6 +500,8 @@ class KvttlRadixCache(UnifiedRadixCache):
             return result
         if self.host is not None and _hints_of(req) is not None and self.host.reload(req, params.key, result):
             result = super().match_prefix(params)
+        if req.lock is None:  # not admitted yet: what the device holds for it, before any chunk of it
+            req._kvttl_device_match = int(result.device_prefix_len)  # (a chunk's checkpoint moves prefix_len)
         if not getattr(req, "_kvttl_arrived", False):
             hints = _hints_of(req)
             if hints is not None:

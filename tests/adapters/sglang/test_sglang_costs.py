@@ -64,18 +64,24 @@ def test_a_step_launched_before_the_previous_result_counts_from_that_result():
 
 
 def test_a_returning_turn_reports_its_delay_at_its_first_token():
+    """Its admission is first seen in the hook, after SGLang's chunk checkpoint
+    moved ``req.prefix_len`` to the whole prompt: the device match from before
+    the lock still says the context was lost."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
     clock = FakeClock()
-    cache = make_cache(tokens=128, clock=clock, config={"measure_costs": False, "reload_tokens_per_s": 1000.0})
+    cache = make_cache(tokens=256, clock=clock, config={"measure_costs": False, "reload_tokens_per_s": 1000.0})
     policy = cache.kit.policy.ttl
-    cache.on_batch_result(_batch([], decode=True))  # the engine reports results: first tokens will be timed
+    cache.on_batch_result(_batch([], extend_tokens=0))  # the engine reports prefills: first tokens will be timed
     first = run_turn(cache, tokens(1, 40), 8, program_id="A", ttl="0s")
-    for s in range(2, 8):  # traffic without hints evicts A's unpinned context
-        run_turn(cache, tokens(s, 40), 8)
+    cache.evict(EvictParams(num_tokens=cache.evictable_size()))  # A's unpinned context is gone
     back = Turn(cache, first.context + tokens(99, 10), 8, hints=make_kv_hints("A")).arrive()
-    arrived = clock.t
+    arrived, prompt = clock.t, len(back.req.origin_input_ids)
     clock.t += 1.0
-    back.admit()
-    cache.on_batch_result(_batch([back.req], extend_tokens=len(back.req.origin_input_ids)))  # a chunk: no token yet
+    back.admit()  # the pool has room: nothing evicts, so no hook has seen the lock yet
+    assert back.req.rid in cache._waiting and back.prefix_len == 0
+    back.req.prefix_len = prompt  # what checkpoint_kv_cache does after a prefill chunk
+    cache.on_batch_result(_batch([back.req], extend_tokens=prompt))  # a chunk: no output token yet
     assert back.req.rid in cache.kit.awaiting_first_token and policy.evicted_delay.mean() == 0.0
     clock.t += 2.0
     back.req.output_ids.append(7)
@@ -83,11 +89,21 @@ def test_a_returning_turn_reports_its_delay_at_its_first_token():
     assert back.req.rid in cache.kit.awaiting_first_token
     cache.on_batch_result(_batch([back.req], extend_tokens=1))
     assert back.req.rid not in cache.kit.awaiting_first_token
-    prefill_s = (len(back.req.origin_input_ids) - back.prefix_len) / 1000.0
-    assert back.prefix_len < len(first.context) - 1  # it did lose its context
-    assert policy.evicted_delay.mean() == pytest.approx(clock.t - arrived - prefill_s)  # 3 s less its prefill, not 1
+    # reported as lost (a kept context adds nothing to T), 3 s less its prefill of the whole prompt
+    assert policy.evicted_delay.mean() == pytest.approx(clock.t - arrived - prompt / 1000.0)
     back.finish()
     cache.kit.check_invariants()
+
+
+def test_decode_viewed_as_extends_is_not_a_prefill():
+    """Under DP attention SGLang runs decode requests as 1-token extends when a
+    peer rank prefills (convert_decode_to_extend): not a prefill step."""
+    cache = make_cache(tokens=128)
+    batch = _batch([], extend_tokens=4)
+    batch.decoding_reqs = batch.reqs
+    time.sleep(0.01)
+    cache.on_batch_result(batch)
+    assert cache.kit.step_costs.num_steps == 0 and not cache.kit.times_first_tokens
 
 
 def _scheduler_method_args(name: str) -> list[str]:
