@@ -157,7 +157,7 @@ def test_tp_ranks_learn_the_same_rate_from_different_step_times():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()  # a forked manager can inherit a held lock and hang
     mp.spawn(_tp_rank, args=(2, port, results), nprocs=2, join=True)
     assert results[0] == results[1], (results[0], results[1])
     assert results[0][:2] == (0, 4)

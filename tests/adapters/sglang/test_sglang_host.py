@@ -207,7 +207,7 @@ def test_every_tp_rank_takes_the_same_host_tier_decisions(broken_rank, prefix):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()  # a forked manager can inherit a held lock and hang
     mp.spawn(_tp_rank, args=(2, port, broken_rank, results), nprocs=2, join=True)
     assert results[0] == results[1], (results[0], results[1])
     assert results[0][0] == prefix

@@ -84,7 +84,7 @@ def test_expiry_is_identical_on_every_tp_rank_when_ranks_run_apart():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()  # a forked manager can inherit a held lock and hang
     lags = ((0.0,) * 6, (0.1, 0.0, 0.0, 0.4, 0.0, 0.0))
     mp.spawn(_tp_rank, args=(2, port, lags, results), nprocs=2, join=True)
     assert results[0] == results[1], (results[0], results[1])
