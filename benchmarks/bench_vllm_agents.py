@@ -16,11 +16,11 @@ tokens/s for the overhead pair. Everything is the median over --repeats.
 
 The same command should mean the same on a fast or a slow machine, so by
 default (--calibrate 1) each mode's process first measures P, its prefill of
-one --context prompt (median of 10), and measures it again after the agent
-runs (``prefill_after_s``: a check that the machine's speed held), and the tool sleeps (--tool-prefills x P), program
-stagger (P) and background rate (--background-load prompts per P) follow
-from it; the pool and the contexts are in blocks and tokens already. The
-ratios compare times in units of each side's own P, because two processes
+one --context prompt (median of 10; measured again after the agent runs as
+``prefill_after_s``, a check that the machine's speed held), and the tool
+sleeps (--tool-prefills x P), program stagger (P) and background rate
+(--background-load prompts per P) follow from it; the pool and the
+contexts are in blocks and tokens already. The ratios compare times in units of each side's own P, because two processes
 one after the other run at speeds a third apart on this machine (the raw
 seconds and each P are in the JSON too). Beside
 the JCT the result reports what the workload did: the share of returning

@@ -9,6 +9,7 @@ import ast
 import importlib.util
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -110,7 +111,7 @@ def _scheduler_method_args(name: str) -> list[str]:
     """The parameters of sglang's Scheduler.<name>, read from its source (the
     scheduler module imports server-only packages this venv does not have)."""
     spec = importlib.util.find_spec("sglang.srt.managers.scheduler")
-    tree = ast.parse(open(spec.origin).read())
+    tree = ast.parse(Path(spec.origin).read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Scheduler")
     fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name)
     return [a.arg for a in fn.args.args]
