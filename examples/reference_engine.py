@@ -133,8 +133,8 @@ class ReferenceEngine:
     def _allocate(self, request: Request, n: int):
         ids = self.pool.allocate(n)
         if ids is None and self.kit.num_leases:  # kit: leases go before anything is preempted
-            self.kit.revoke(num_blocks=n - self.pool.num_evictable, requester=request.rid,
-                            idle=not self.running)
+            self.kit.revoke(num_blocks=n - self.pool.num_evictable, requester=request.rid, idle=not self.running,
+                            arrival=request.arrival, waited_s=self.clock() - request.arrival)
             ids = self.pool.allocate(n)
         return None if ids is None else ids.tolist()
 

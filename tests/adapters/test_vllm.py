@@ -201,6 +201,35 @@ def test_pins_never_stall_the_engine(engine):
     assert connector.kit.num_leases == 0
 
 
+def test_a_waiting_request_without_a_program_takes_pinned_memory_after_the_aging_bound(engine):
+    """Issue #17 (traffic without a program id is pushed aside): vLLM asks a
+    connector to free blocks only for a running request, so a waiting one
+    that did not fit behind two pins waited for them to expire, or for the
+    engine to run dry (here: until a 1000-token decode ended). Now it takes
+    a pin once it has waited longer than the pinned program could jump the
+    queue (3 re-prefills of its context, the default bound)."""
+    llm, scheduler, pool = engine
+    kit, core = scheduler.connector.kit, llm.llm_engine
+    firsts = {name: tokens(2000) for name in ("hold-1", "hold-2")}
+    outs = {name: turn(llm, prompt, program_id=name, tool="bash", ttl="5m") for name, prompt in firsts.items()}
+    assert kit.num_leases == 2 and kit.num_pinned == 30
+    revoked = kit.stats["revoked"]
+    core.add_request("long-decode", TokensPrompt(prompt_token_ids=tokens(10)),
+                     SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
+    core.step()  # the decode runs from here on: no step is empty, so no stall gives a pin back
+    core.add_request("plain", TokensPrompt(prompt_token_ids=tokens(2000)), SamplingParams(max_tokens=1))
+    finished = []
+    try:
+        while core.has_unfinished_requests():
+            finished += [o.request_id for o in core.step() if o.finished]
+        assert finished == ["plain", "long-decode"], "the plain request waited for the pins"
+        assert kit.stats["revoked"] > revoked
+    finally:
+        for name, prompt in firsts.items():
+            turn(llm, next_prompt(prompt, outs[name]), program_id=name, tool="bash", last_turn=True)
+    assert kit.num_leases == 0
+
+
 @pytest.mark.parametrize("hints", [
     {"program_id": ["not", "an", "id"], "tool": "bash"},
     {"program_id": "agent-z", "ttl": "soon"},

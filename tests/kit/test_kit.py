@@ -469,3 +469,28 @@ def test_without_first_tokens_a_returning_turn_reports_at_admission():
     clock.t += 0.25
     k.admitted("a1", device_hit_tokens=0)
     assert delays.seen == [(0.25, True)] and not k.awaiting_first_token
+
+
+def test_a_request_without_a_program_waits_for_pinned_memory_no_longer_than_the_aging_bound():
+    """Issue #17 (traffic without a program id is pushed aside): under program
+    FCFS a one-turn request arrived after every pinned program, so it could
+    never revoke a pin and waited for the leases to expire. It may take a
+    lease once it has waited longer than the lease's program could jump the
+    queue (here the operator's 2 s); with unbounded aging (Continuum's order)
+    the pin stays."""
+    k, engine, _ = kit(max_queue_jump_s=2.0, max_queue_jump_prefills=None)
+    k.arrived("a1", hints("A"), arrival=1.0)
+    finish(k, "a1")
+    assert k.revoke(num_leases=1, arrival=5.0, waited_s=1.5) == []  # within the bound: A keeps its pin
+    assert k.revoke(num_leases=1, arrival=5.0) == []  # how long it waited unknown: program order alone
+    assert [lease.owner for lease in k.revoke(num_leases=1, arrival=5.0, waited_s=2.5)] == ["A"]
+    assert engine.calls[-1] == ("unpin", "a1", "revoked", False)
+    unbounded, _, _ = kit(max_queue_jump_s=None, max_queue_jump_prefills=None)
+    unbounded.arrived("a1", hints("A"), arrival=1.0)
+    finish(unbounded, "a1")
+    assert unbounded.revoke(num_leases=1, arrival=5.0, waited_s=1e6) == []
+    k.arrived("b1", hints("B"), arrival=6.0)  # a waiting turn of a later program: program order, as before
+    k.arrived("c1", hints("C"), arrival=0.5)
+    finish(k, "c1")
+    assert k.revoke(num_leases=1, requester="b1", waited_s=100.0) == []
+    k.check_invariants()

@@ -574,7 +574,8 @@ class KvttlRadixCache(UnifiedRadixCache):
         """Revoke leases while the head of the queue cannot fit, as the
         policy allows: under program FCFS only leases of programs that
         arrived after the head's, unless nothing runs (then any lease may go:
-        pins never stop the engine). Returns leases revoked."""
+        pins never stop the engine); a head without a program also those it
+        has waited out (``EngineKit.revoke``). Returns leases revoked."""
         if not waiting_queue or not self.kit.num_leases:
             return 0
         head = waiting_queue[0]
@@ -585,11 +586,13 @@ class KvttlRadixCache(UnifiedRadixCache):
         hints = _hints_of(head)
         program = self.kit.programs.get(hints.key) if hints is not None else None
         arrival = program.first_arrival if program is not None else _entry_time(head)
+        # SGLang stamps the entry with perf_counter; (queue jumps, and so this, are off under TP / PP)
+        waited = time.perf_counter() - arrival if program is None and arrival else None
         idle = running_batch is None or running_batch.is_empty()
         revoked = 0
         while self.token_to_kv_pool_allocator.available_size() + self.evictable_size() < need:
             gone = self.kit.revoke(num_leases=1, requester=head.rid if hints is not None else None,
-                                   arrival=arrival, idle=idle, now=now)
+                                   arrival=arrival, waited_s=waited, idle=idle, now=now)
             if not gone:
                 break
             revoked += len(gone)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import queue
 import sys
+import time
 import weakref
 
 from kvttl.kit import DeadlineWaker, EngineKit, hint_report, load_config
@@ -199,11 +200,15 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
                              arrival=request.arrival_time)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
-        """Notes vLLM's own hit (``num_computed_tokens``, block-aligned) for the
-        kit, and returns the blocks of the prompt past it that the host tier
+        """vLLM is about to allocate for a waiting request: leases it may
+        take go first when the pool is short (:meth:`_make_room`). Then notes
+        vLLM's own hit (``num_computed_tokens``, block-aligned) for the kit,
+        and returns the blocks of the prompt past it that the host tier
         holds, loaded synchronously in the turn's first step. Never the block
         holding the last prompt token."""
         rid = request.request_id
+        if self.kit is not None and self.kit.num_leases:
+            self._make_room(request, num_computed_tokens)
         if self.kit is None or self.kit.turn(rid) is None:
             return 0, False
         self._local_hit[rid] = num_computed_tokens
@@ -216,6 +221,40 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
             return 0, False
         self._host_slots_of[rid] = slots
         return len(slots) * self._block_size, False
+
+    def _make_room(self, request, num_computed_tokens: int) -> None:
+        """Pins are soft for waiting requests too: vLLM asks a connector to
+        free blocks only when a *running* request is short
+        (``has_pending_block_frees``), and a waiting one that does not fit
+        just waits, so without this it waited until the leases expired or the
+        engine ran dry. Here, before vLLM allocates, the blocks this step's
+        chunk needs beyond what the pool can give (free and evictable blocks,
+        blocks already on their way back from host copies, vLLM's watermark)
+        are asked of the kit, which revokes what the policy lets this request
+        take (``EngineKit.revoke``)."""
+        pool, bs = self._pool, self._block_size
+        sched = self._vllm_config.scheduler_config
+        config = self._kv_cache_config
+        groups = list(range(len(config.kv_cache_groups))) if config is not None else [0]
+        end = request.num_tokens
+        if sched.enable_chunked_prefill:
+            end = min(end, num_computed_tokens + sched.max_num_batched_tokens)
+        hit_blocks = num_computed_tokens // bs
+        # (a hybrid model's groups each allocate; counting every group in full asks too much, never too little)
+        need = (-(-end // bs) - hit_blocks) * len(groups) + int(sched.watermark * pool.num_gpu_blocks)
+        available = pool.get_num_free_blocks() + len(self._hold) + sum(len(h) for h, _ in self._in_flight.values())
+        if need + hit_blocks * len(groups) <= available:
+            return  # it fits even if every hit block is evictable (and so taken from the free count)
+        for block_hash in request.block_hashes[:hit_blocks]:  # hits nobody references count as free now
+            cached = pool.get_cached_block(block_hash, groups)
+            if cached:
+                need += sum(b.ref_cnt == 0 for b in cached)
+        if need <= available:
+            return
+        program = self.kit.turn(request.request_id)
+        waited = max(0.0, time.time() - request.arrival_time)
+        self.kit.revoke(num_blocks=need - available, requester=request.request_id if program else None,
+                        arrival=request.arrival_time, waited_s=waited)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         rid = request.request_id

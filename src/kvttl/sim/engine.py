@@ -337,7 +337,8 @@ class Simulator:
             return []
         ids = self.pool.allocate(n)
         if ids is None and self.kit.num_leases:
-            self.kit.revoke(num_blocks=n - self.pool.num_evictable, requester=requester.key, idle=not self.running)
+            self.kit.revoke(num_blocks=n - self.pool.num_evictable, requester=requester.key, idle=not self.running,
+                            arrival=requester.arrival, waited_s=self.now - requester.arrival)
             ids = self.pool.allocate(n)
         return None if ids is None else ids.tolist()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -131,6 +132,29 @@ def test_head_of_queue_revokes_only_later_programs_while_work_runs():
     assert cache.num_leases == 0  # nothing runs: any pin may go, so the engine never stalls
     newcomer.admit().finish()
     cache.release_all_leases()
+    assert_no_leak(cache)
+
+
+def test_a_head_without_a_program_revokes_a_pin_it_has_waited_out():
+    """Issue #17: a plain request arrived after every pinned program, so under
+    program FCFS it could revoke no pin while work ran and waited for expiry.
+    Once it has waited longer than the pinned program could jump the queue
+    (here 5 s), the pin goes; before that it stays."""
+    class Running:
+        def is_empty(self):
+            return False
+
+    cache = make_cache(tokens=128, config={"max_queue_jump_s": 5.0, "max_queue_jump_prefills": None})
+    run_turn(cache, tokens(1, 30), 6, program_id="old", ttl="60s")
+    plain = Turn(cache, tokens(5, 100), 8).arrive()
+    stats = plain.req.time_stats
+    stats.wait_queue_entry_time = time.perf_counter() - 1.0  # SGLang stamps the entry with perf_counter
+    cache.relieve_pressure([plain.req], Running())
+    assert cache.num_leases == 1
+    stats.wait_queue_entry_time = time.perf_counter() - 10.0
+    cache.relieve_pressure([plain.req], Running())
+    assert cache.num_leases == 0 and cache.stats["revoked"] == 1
+    plain.admit().finish()
     assert_no_leak(cache)
 
 
