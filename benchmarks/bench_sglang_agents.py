@@ -92,7 +92,7 @@ def run_mode(args, mode: str, seed: int) -> dict:
     clock = FakeClock(0.0)
     config = MODES[mode]
     cache = make_cache("stock" if config is None else "kvttl", tokens=args.pool_tokens, rows=64, clock=clock,
-                       config=config)
+                       config=config, queue_clock=clock)  # queue entries are stamped in virtual time too
     policy = SchedulePolicy("fcfs", cache, False, False, False)
     rng = random.Random(seed + 1)
     p = args.context / args.prefill_tokens_per_s
@@ -119,10 +119,10 @@ def run_mode(args, mode: str, seed: int) -> dict:
                     tokens(1000 + 97 * i + turn_index, args.new_tokens) if turn_index else [])
                 last = turn_index == args.turns - 1
                 hints = make_kv_hints(f"agent-{i}", tool="bash", last_turn=last)
-                turn = Turn(cache, prompt, args.output, hints=hints)
+                turn = Turn(cache, prompt, args.output, hints=hints, entered=clock.t)
                 started.setdefault(i, at)
             else:
-                turn = Turn(cache, tokens(50_000 + i, args.context), args.output)
+                turn = Turn(cache, tokens(50_000 + i, args.context), args.output, entered=clock.t)
             turn.meta = (kind, i, turn_index, at)
             timed(turn.arrive)
             waiting.append(turn)

@@ -316,8 +316,11 @@ class KvttlRadixCache(UnifiedRadixCache):
     prefix, while SGLang's tree lock does the actual pinning.
     """
 
-    def __init__(self, params, *, config: dict | None = None, clock: Callable[[], float] | None = None):
+    def __init__(self, params, *, config: dict | None = None, clock: Callable[[], float] | None = None,
+                 queue_clock: Callable[[], float] = time.perf_counter):
         super().__init__(params)
+        #: the clock SGLang stamps a request's entry into the waiting queue with (how long a head waited)
+        self._queue_clock = queue_clock
         self.kvttl_config, host_config = _load_config(None if config is None else json.dumps(config))
         if self.kvttl_config.tenant_field is not None:
             raise BadArgumentError("kvttl config: tenant_field is for vLLM; on SGLang a gateway sets the tenant in "
@@ -586,8 +589,8 @@ class KvttlRadixCache(UnifiedRadixCache):
         hints = _hints_of(head)
         program = self.kit.programs.get(hints.key) if hints is not None else None
         arrival = program.first_arrival if program is not None else _entry_time(head)
-        # SGLang stamps the entry with perf_counter; (queue jumps, and so this, are off under TP / PP)
-        waited = time.perf_counter() - arrival if program is None and arrival else None
+        # (queue jumps, and so waiting them out, are off under TP / PP: rank clocks differ)
+        waited = self._queue_clock() - arrival if program is None and arrival else None
         idle = running_batch is None or running_batch.is_empty()
         revoked = 0
         while self.token_to_kv_pool_allocator.available_size() + self.evictable_size() < need:

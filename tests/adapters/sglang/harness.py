@@ -70,9 +70,10 @@ class FakeClock:
 
 
 def make_cache(kind: str = "kvttl", *, tokens: int = 256, rows: int = 8, clock=None, config=None, tp_group=None,
-               metrics: bool = False):
+               metrics: bool = False, queue_clock=None):
     """A real cache over a real MHA token pool (2 layers, fp16, CPU); ``metrics``:
-    as under SGLang's --enable-metrics."""
+    as under SGLang's --enable-metrics; ``queue_clock``: what the waiting
+    queue's entry stamps are on (SGLang's perf_counter by default)."""
     publish_server_args()
     kv = MHATokenToKVPool(size=tokens, page_size=1, dtype=torch.float16, head_num=2, head_dim=4, layer_num=2,
                           device="cpu", enable_memory_saver=False)
@@ -89,21 +90,22 @@ def make_cache(kind: str = "kvttl", *, tokens: int = 256, rows: int = 8, clock=N
     ranks = get_parallel().override(tp_rank=0, pp_rank=0) if metrics else contextlib.nullcontext()
     with ranks:
         if kind == "kvttl":
-            return KvttlRadixCache(params, config=config or {}, clock=clock or FakeClock())
+            extra = {} if queue_clock is None else {"queue_clock": queue_clock}
+            return KvttlRadixCache(params, config=config or {}, clock=clock or FakeClock(), **extra)
         return UnifiedRadixCache(params)
 
 
 class Turn:
     """One request in flight: admitted (matched, locked, allocated), not yet finished."""
 
-    def __init__(self, cache, prompt, n_out, *, hints=None, cache_salt=None):
+    def __init__(self, cache, prompt, n_out, *, hints=None, cache_salt=None, entered=None):
         self.cache = cache
         self.req = Req(f"r{next(_rids)}", "", array("q", prompt), SamplingParams(max_new_tokens=n_out),
                        kv_hints=decode_kv_hints_envelope(hints) if hints is not None else None,
                        cache_salt=cache_salt)
         self.n_out = n_out
-        # the scheduler stamps a request when it enters the waiting queue
-        self.req.time_stats.wait_queue_entry_time = float(next(_queue_stamps))
+        # the scheduler stamps a request when it enters the waiting queue (here: in order, unless given)
+        self.req.time_stats.wait_queue_entry_time = float(next(_queue_stamps) if entered is None else entered)
 
     def arrive(self):
         """The scheduler matches a waiting request (calc_priority, init_next_round_input)."""
