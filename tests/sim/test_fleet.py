@@ -91,6 +91,6 @@ def test_a_lease_copies_out_the_context_it_pinned_not_where_its_program_has_sinc
     pinned = sim.kit.hooks.pin(prog)
     prog.context, prog.epoch = (shared + 10) * ENGINE.block_size, prog.epoch + 1  # its next turns ran elsewhere
     sim.kit.hooks.unpin(pinned, reason="expired", copy_out=True)
-    old = sim.host.acquire_prefix(sim._hashes(prog, 0, shared + 10, epoch=0))
+    old = sim.host.acquire_prefix(sim._hashes(prog, 0, shared + 10, content=pinned[2]))
     new = sim.host.acquire_prefix(sim._hashes(prog, 0, shared + 10))
     assert len(old) == shared + 4 and len(new) == shared

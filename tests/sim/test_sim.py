@@ -485,6 +485,58 @@ def test_aiperf_rows_wait_before_and_count_new_tokens(tmp_path):
     assert [t.prompt_tokens for t in sample] == [2000, 3034] and sample[0].tool_duration_s == 1.2
 
 
+def _trace(tmp_path, rows):
+    path = tmp_path / "trace.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_mooncake_hash_ids_say_what_a_context_shares(tmp_path):
+    """Issue #13 item 4: Mooncake hash_ids (rolling ids of 512-token blocks)
+    were ignored, so two sessions with one system prompt shared nothing and a
+    turn that rewrote its history still hit all of it. Turns that continue
+    each other take the ids of the last of them (a turn's own output is named
+    only by later rows); ids that disagree on a full block start a new context."""
+    rows = [
+        {"session_id": "s", "input_length": 1100, "output_length": 50, "hash_ids": [1, 2, 3], "timestamp": 0,
+         "tool_wait_ms": 100},
+        {"session_id": "s", "input_length": 1200, "output_length": 50, "hash_ids": [1, 2, 7], "tool_wait_ms": 100},
+        {"session_id": "s", "input_length": 1300, "output_length": 50, "hash_ids": [1, 9, 10]},
+        {"session_id": "t", "input_length": 1024, "output_length": 8, "hash_ids": [1, 20], "timestamp": 10},
+    ]
+    s, t = load_trace(_trace(tmp_path, rows))
+    assert s.hash_block_tokens == t.hash_block_tokens == 512
+    assert [(x.hash_ids, x.hash_extent_tokens, x.new_context) for x in s.turns] == [
+        ((1, 2, 7), 1200, False), ((1, 2, 7), 1200, False), ((1, 9, 10), 1300, True)]
+    assert t.turns[0].hash_ids == (1, 20)
+    aiperf = load_trace(_trace(tmp_path, [
+        {"session_id": "a", "input_length": 1024, "output_length": 8, "hash_ids": [1, 2], "timestamp": 0},
+        {"session_id": "a", "input_length": 100, "output_length": 8, "hash_ids": [55], "delay": 500}]))[0]
+    # aiperf rows name their new tokens only: the first row's ids lead every turn's context
+    assert [(x.hash_ids, x.hash_extent_tokens) for x in aiperf.turns] == [((1, 2), 1024)] * 2
+    with pytest.raises(BadArgumentError, match="hash_ids"):
+        load_trace(_trace(tmp_path, [{"input_length": 5, "output_length": 1, "hash_ids": [1, "x"]}]), jps=1.0)
+
+
+def test_the_simulators_prefix_cache_follows_mooncake_hash_ids(tmp_path):
+    rows = [
+        {"session_id": "a", "input_length": 2048, "output_length": 8, "hash_ids": [1, 2, 3, 4], "timestamp": 0},
+        {"session_id": "b", "input_length": 2048, "output_length": 8, "hash_ids": [1, 2, 30, 31], "timestamp": 5000},
+    ]
+    sim, result = run(load_trace(_trace(tmp_path, rows)), "vllm", jps=1.0)
+    assert result.cached_tokens == 1024  # b's first two blocks are a's: a system prompt two sessions share
+    rows = [
+        {"session_id": "c", "input_length": 2000, "output_length": 100, "hash_ids": [5, 6, 7, 8], "timestamp": 0,
+         "tool_wait_ms": 1000},
+        {"session_id": "c", "input_length": 2200, "output_length": 8, "hash_ids": [5, 66, 67, 68, 69]},
+    ]
+    sim, result = run(load_trace(_trace(tmp_path, rows)), "vllm", jps=1.0)
+    assert result.cached_tokens == 512  # the second turn rewrote all but the first block of its history
+    rows[1]["hash_ids"] = [5, 6, 7, 80, 81]
+    sim, result = run(load_trace(_trace(tmp_path, rows)), "vllm", jps=1.0)
+    assert result.cached_tokens == 2096  # it continues: the whole previous context but the block of its last token
+
+
 def test_a_spec_file_sweeps_its_bases_loads(tmp_path):
     from kvttl.sim.runner import DEFAULT_JPS, SweepConfig
 

@@ -45,6 +45,7 @@ __all__ = ["EngineConfig", "Simulator", "RunResult"]
 logger = logging.getLogger("kvttl.sim")
 
 _SHARED = 1 << 62  # hash namespace of the workload-wide shared prefix
+_TRACE = 1 << 61  # hash namespace of blocks a trace names (Mooncake hash_ids)
 
 
 def block_hash(program_id: int, epoch: int, index: int, shared_blocks: int) -> int:
@@ -53,6 +54,13 @@ def block_hash(program_id: int, epoch: int, index: int, shared_blocks: int) -> i
     if index < shared_blocks:
         return _SHARED + index
     return ((program_id + 1) << 40) | (epoch << 32) | index
+
+
+def trace_block_hash(trace_id: int, index: int) -> int:
+    """Content identity of block ``index`` of a context whose tokens up to the
+    end of that block a trace names by the rolling id ``trace_id`` (equal ids:
+    equal tokens up to there, in any program)."""
+    return _TRACE | (hash((trace_id, index)) & (_TRACE - 1))
 
 
 @attrs.frozen(kw_only=True)
@@ -97,6 +105,9 @@ class _Prog:
     program: Program
     epoch: int = 0
     context: int = 0  # tokens of the current context (prompt + output of the last turn)
+    #: what a trace says the current context's leading tokens are (Turn.hash_ids, Turn.hash_extent_tokens)
+    ids: tuple = ()
+    ids_extent: int = 0
     finished_at: float | None = None
     turns_done: int = 0
 
@@ -111,7 +122,7 @@ class _Hooks:
         self.sim = sim
 
     def pin(self, prog: _Prog) -> tuple:
-        return prog, prog.context, prog.epoch
+        return prog, prog.context, (prog.epoch, prog.ids, prog.ids_extent)
 
     def unpin(self, pinned: tuple, *, reason: str, copy_out: bool) -> None:
         if reason != "released":
@@ -233,19 +244,25 @@ class Simulator:
         self._seq += 1
 
     # ---- hashing ------------------------------------------------------------------
-    def _hashes(self, prog: _Prog, start: int, stop: int, epoch: int | None = None) -> list[int]:
-        shared = prog.program.shared_prefix_tokens // self.config.block_size
-        pid, epoch = prog.program.program_id, prog.epoch if epoch is None else epoch
-        return [block_hash(pid, epoch, i, shared) for i in range(start, stop)]
+    def _hashes(self, prog: _Prog, start: int, stop: int, content: tuple | None = None) -> list[int]:
+        """Block identities ``start..stop`` of the program's context: ``content``
+        (epoch, trace ids, their extent) as a lease pinned it, or the current."""
+        bs = self.config.block_size
+        shared = prog.program.shared_prefix_tokens // bs
+        epoch, ids, extent = (prog.epoch, prog.ids, prog.ids_extent) if content is None else content
+        pid, per_id = prog.program.program_id, prog.program.hash_block_tokens
+        named = extent // bs if per_id else 0  # blocks whose every token the trace names
+        return [trace_block_hash(ids[((i + 1) * bs - 1) // per_id], i) if i < named else
+                block_hash(pid, epoch, i, shared) for i in range(start, stop)]
 
     # ---- host tier ------------------------------------------------------------------
-    def _offload(self, prog: _Prog, context: int | None = None, epoch: int | None = None) -> None:
+    def _offload(self, prog: _Prog, context: int | None = None, content: tuple | None = None) -> None:
         """Copies the program's context blocks (now, or as a lease pinned
         them) to the host tier (asynchronous DMA: not charged to GPU steps)."""
         if self.host is None:
             return
         context = prog.context if context is None else context
-        hashes = self._hashes(prog, 0, context // self.config.block_size, epoch)
+        hashes = self._hashes(prog, 0, context // self.config.block_size, content)
         present = self.host.acquire_prefix(hashes)  # refresh LRU of what is already there
         missing = hashes[len(present):]
         if missing:
@@ -260,9 +277,10 @@ class Simulator:
         prog = self.progs[pi]
         turns = prog.program.turns
         turn = turns[ti]
-        if turn.prompt_tokens < prog.context:  # compaction: a fresh context
+        if turn.prompt_tokens < prog.context or turn.new_context:  # compaction, or the trace's ids diverged
             prog.epoch += 1
             prog.context = 0
+        prog.ids, prog.ids_extent = turn.hash_ids, turn.hash_extent_tokens
         hints = TurnHints(program_id=prog.program.program_id, tool=turn.tool or "", last_turn=ti == len(turns) - 1,
                           ttl_s=parse_ttl(turn.ttl_hint) if turn.ttl_hint else None)
         self._enqueue(prog, ti, hints, turn.prompt_tokens, turn.output_tokens, arrival=prog.program.arrival_s)

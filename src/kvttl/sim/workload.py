@@ -41,6 +41,16 @@ class Turn:
     tool_duration_s: float = 0.0
     #: explicit client TTL hint ("30s", "5m"), if the client sends one
     ttl_hint: str | None = None
+    #: from a trace: what the context's first ``hash_extent_tokens`` tokens are,
+    #: as rolling block ids of ``Program.hash_block_tokens`` tokens each (Mooncake
+    #: ``hash_ids``: equal ids mean equal tokens up to and including that block,
+    #: in any program); () without ids, and past the extent the tokens are the
+    #: program's own
+    hash_ids: tuple[int, ...] = ()
+    hash_extent_tokens: int = 0
+    #: the prompt does not continue the previous turn's context past the ids
+    #: they share (the trace's ids diverged): the rest is new
+    new_context: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -50,6 +60,8 @@ class Program:
     turns: tuple[Turn, ...]
     #: leading tokens shared by every program of the workload (a system prompt)
     shared_prefix_tokens: int = 0
+    #: tokens per id of the turns' ``hash_ids`` (0: the trace has none)
+    hash_block_tokens: int = 0
 
 
 def replay_future(programs: list[Program]):
@@ -345,6 +357,51 @@ def _tracelab_turn(row, path, lineno):
     return max(1, int(prompt)), out, name, wait_ms / 1000.0, False
 
 
+def _hash_ids(row, path, lineno) -> tuple[int, ...]:
+    ids = row.get("hash_ids")
+    if ids is None:
+        return ()
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63
+                                            for i in ids):
+        raise BadArgumentError(f"{path}:{lineno}: 'hash_ids' must be a list of integers in [0, 2^63), "
+                               f"got {_short(ids)}")
+    return tuple(ids)
+
+
+def _content(turns: list[dict], block: int, aiperf: bool) -> list[tuple[tuple[int, ...], int, bool]]:
+    """(ids, extent, new context) for each turn of a Mooncake session.
+
+    A session is cut into chains of turns that each continue the one before:
+    the prompt holds the previous context, and its ids agree on every full
+    block of the previous prompt (rolling ids of a partial block change as it
+    fills, so those cannot tell). Every turn of a chain takes the ids of the
+    chain's last turn, which describe all of them: a turn's own output is
+    covered only by later rows' ids, and the identity its blocks are cached
+    under must be the one the next turn looks up. A turn whose ids disagree
+    starts a new context after the blocks they share. Aiperf rows' ids cover
+    their new tokens only, so only the first row's (the whole first prompt)
+    say what is shared; the session's history follows them."""
+    if aiperf:
+        ids, prompt = turns[0]["ids"], turns[0]["prompt"]
+        return [(ids, min(len(ids) * block, prompt), False)] * len(turns)
+    chains, new = [[0]], [False] * len(turns)
+    for k in range(1, len(turns)):
+        prev, cur = turns[k - 1], turns[k]
+        full = prev["prompt"] // block
+        agree = len(cur["ids"]) >= full and cur["ids"][:full] == prev["ids"][:full]
+        new[k] = bool(prev["ids"] and cur["ids"]) and not agree
+        if new[k] or not prev["ids"] or not cur["ids"] or cur["prompt"] < prev["context"]:
+            chains.append([k])
+        else:
+            chains[-1].append(k)
+    out = [None] * len(turns)
+    for chain in chains:
+        last = turns[chain[-1]]
+        for k in chain:
+            out[k] = (last["ids"], min(len(last["ids"]) * block, last["prompt"]), new[k])
+    return out
+
+
 def _mooncake_turn(row, path, lineno):
     """A Mooncake row, in one of two session forms:
 
@@ -363,13 +420,21 @@ def _mooncake_turn(row, path, lineno):
     return max(1, tokens), out, _tool_name(row.get("tool"), path, lineno) or "tool", float(wait) / 1000.0, before
 
 
+#: Tokens per Mooncake hash id (the FAST'25 traces' and Dynamo's default block).
+MOONCAKE_HASH_BLOCK_TOKENS = 512
+
+
 def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
-               max_programs: int | None = None) -> list[Program]:
+               max_programs: int | None = None, hash_block_tokens: int = MOONCAKE_HASH_BLOCK_TOKENS) -> list[Program]:
     """Programs from a TraceLab or Dynamo agentic-Mooncake JSONL trace (told
     apart by their fields). Sessions are grouped by ``session_id`` in file
     order. Arrivals: Poisson at ``jps`` when given; otherwise Mooncake's
     ``timestamp`` (ms) of each session's first row, and for TraceLab, which
-    has none usable, an error asking for ``jps``."""
+    has none usable, an error asking for ``jps``. Mooncake ``hash_ids``
+    (``hash_block_tokens`` tokens each) say which prompt blocks are the same
+    in any two requests: the simulator's prefix cache reuses exactly those."""
+    if isinstance(hash_block_tokens, bool) or not isinstance(hash_block_tokens, int) or hash_block_tokens < 1:
+        raise BadArgumentError(f"hash_block_tokens must be a positive integer, got {hash_block_tokens!r}")
     path = Path(path)
     if not path.exists():
         raise BadArgumentError(f"trace {path} does not exist")
@@ -390,7 +455,8 @@ def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
             raise BadArgumentError(f"{path}:{lineno}: session_id must be a string or an integer, got {_short(sid)}")
         sid = str(sid)
         parse = _tracelab_turn if kind == "tracelab" else _mooncake_turn
-        sessions.setdefault(sid, []).append(parse(row, path, lineno))
+        ids = _hash_ids(row, path, lineno) if kind == "mooncake" else ()
+        sessions.setdefault(sid, []).append((*parse(row, path, lineno), ids))
         if kind == "mooncake" and sid not in first_ts and "timestamp" in row:
             first_ts[sid] = _count(row, "timestamp", path, lineno) / 1000.0
     if not sessions:
@@ -409,13 +475,21 @@ def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
         turns = []
         context = 0  # prompt + output of the session's previous turn
         aiperf = any(row[4] for row in rows)  # its first row has no delay: the session's other rows say
-        for k, (tokens, out, tool, wait, _) in enumerate(rows):
+        prompts = []
+        for tokens, out, *_ in rows:
+            prompts.append(context + tokens if aiperf else tokens)
+            context = prompts[-1] + out
+        content = _content([{"ids": row[5], "prompt": prompt, "context": prompt + row[1]}
+                            for row, prompt in zip(rows, prompts)], hash_block_tokens, aiperf)
+        for k, ((tokens, out, tool, wait, _, _), prompt) in enumerate(zip(rows, prompts)):
             last = k == len(rows) - 1
-            prompt = context + tokens if aiperf else tokens
             after = (rows[k + 1][3] if not last else 0.0) if aiperf else wait  # the tool runs between rows
+            ids, extent, new = content[k]
             turns.append(Turn(prompt_tokens=prompt, output_tokens=out, tool=None if last else (tool or "tool"),
-                              tool_duration_s=0.0 if last else after))
-            context = prompt + out
-        programs.append(Program(program_id=pid, arrival_s=float(t0), turns=tuple(turns)))
+                              tool_duration_s=0.0 if last else after, hash_ids=ids, hash_extent_tokens=extent,
+                              new_context=new))
+        has_ids = any(row[5] for row in rows)
+        programs.append(Program(program_id=pid, arrival_s=float(t0), turns=tuple(turns),
+                                hash_block_tokens=hash_block_tokens if has_ids else 0))
     order = np.argsort([p.arrival_s for p in programs], kind="stable")
     return [attrs.evolve(programs[i], program_id=n) for n, i in enumerate(order)]
