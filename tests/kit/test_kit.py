@@ -477,7 +477,7 @@ def test_a_request_without_a_program_waits_for_pinned_memory_no_longer_than_the_
     never revoke a pin and waited for the leases to expire. It may take a
     lease once it has waited longer than the lease's program could jump the
     queue (here the operator's 2 s); with unbounded aging (Continuum's order)
-    the pin stays."""
+    the pin stays, and a program's turns keep program order."""
     k, engine, _ = kit(max_queue_jump_s=2.0, max_queue_jump_prefills=None)
     k.arrived("a1", hints("A"), arrival=1.0)
     finish(k, "a1")

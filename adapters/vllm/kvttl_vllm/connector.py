@@ -251,9 +251,9 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
                 need += sum(b.ref_cnt == 0 for b in cached)
         if need <= available:
             return
-        program = self.kit.turn(request.request_id)
-        waited = max(0.0, time.time() - request.arrival_time)
-        self.kit.revoke(num_blocks=need - available, requester=request.request_id if program else None,
+        turn = self.kit.turn(request.request_id)
+        waited = max(0.0, time.time() - request.arrival_time)  # (vLLM stamps arrival_time with time.time())
+        self.kit.revoke(num_blocks=need - available, requester=request.request_id if turn is not None else None,
                         arrival=request.arrival_time, waited_s=waited)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):

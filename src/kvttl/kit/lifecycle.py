@@ -550,12 +550,15 @@ class EngineKit:
         aging bound (:meth:`max_queue_jump`): memory is aged as the queue is.
         Why: among programs, memory follows program order, so the contexts
         of older programs stay while program FCFS finishes them (letting any
-        waiting turn take them cut kvttl from 1.69x to 1.12x the best peer on
-        70B SWE-bench in the simulator, benchmarks/README.md); but a one-turn request is in no program's order, and a
-        pin holds memory for a turn that has not even arrived. That turn
-        would queue at most the bound ahead of the request; the pin makes
-        the request wait no longer than that for memory either (unbounded
-        aging, Continuum's order, keeps every earlier program's pin).
+        waiting turn take them cut kvttl from 1.69x to 1.12x the best peer
+        on 70B SWE-bench in the simulator, benchmarks/README.md); but a
+        one-turn request is in no program's order, and a pin holds memory
+        for a turn that has not even arrived. That turn would queue at most
+        the bound ahead of the request; the pin makes the request wait no
+        longer than that for memory either (unbounded aging, Continuum's
+        order, keeps every earlier program's pin). Programs' first turns
+        stay in program order: aging them too took a quarter to a third of
+        the pins' gain on the live benches (benchmarks/README.md, 2026-12-06).
         Returns the revoked leases."""
         if not self._held:
             return []

@@ -39,7 +39,7 @@ from kvttl_sglang.cache import KvttlRadixCache  # noqa: E402
 
 _published = False
 _rids = itertools.count()
-_queue_stamps = itertools.count(1)
+_entries = itertools.count(1)
 
 
 def publish_server_args() -> None:
@@ -73,7 +73,8 @@ def make_cache(kind: str = "kvttl", *, tokens: int = 256, rows: int = 8, clock=N
                metrics: bool = False, queue_clock=None):
     """A real cache over a real MHA token pool (2 layers, fp16, CPU); ``metrics``:
     as under SGLang's --enable-metrics; ``queue_clock``: what the waiting
-    queue's entry stamps are on (SGLang's perf_counter by default)."""
+    queue's entry stamps are on (SGLang's is perf_counter; here ``clock``
+    unless given, so a test that moves its clock moves queue time too)."""
     publish_server_args()
     kv = MHATokenToKVPool(size=tokens, page_size=1, dtype=torch.float16, head_num=2, head_dim=4, layer_num=2,
                           device="cpu", enable_memory_saver=False)
@@ -90,8 +91,8 @@ def make_cache(kind: str = "kvttl", *, tokens: int = 256, rows: int = 8, clock=N
     ranks = get_parallel().override(tp_rank=0, pp_rank=0) if metrics else contextlib.nullcontext()
     with ranks:
         if kind == "kvttl":
-            extra = {} if queue_clock is None else {"queue_clock": queue_clock}
-            return KvttlRadixCache(params, config=config or {}, clock=clock or FakeClock(), **extra)
+            clock = clock or FakeClock()
+            return KvttlRadixCache(params, config=config or {}, clock=clock, queue_clock=queue_clock or clock)
         return UnifiedRadixCache(params)
 
 
@@ -104,8 +105,11 @@ class Turn:
                        kv_hints=decode_kv_hints_envelope(hints) if hints is not None else None,
                        cache_salt=cache_salt)
         self.n_out = n_out
-        # the scheduler stamps a request when it enters the waiting queue (here: in order, unless given)
-        self.req.time_stats.wait_queue_entry_time = float(next(_queue_stamps) if entered is None else entered)
+        # the scheduler stamps a request when it enters the waiting queue: here on the cache's queue
+        # clock, a nanosecond per request later than the one before, so that stamps keep arrival order
+        if entered is None:
+            entered = getattr(cache, "_queue_clock", lambda: 0.0)() + next(_entries) * 1e-9
+        self.req.time_stats.wait_queue_entry_time = float(entered)
 
     def arrive(self):
         """The scheduler matches a waiting request (calc_priority, init_next_round_input)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -146,12 +145,13 @@ def test_a_head_without_a_program_revokes_a_pin_it_has_waited_out():
 
     cache = make_cache(tokens=128, config={"max_queue_jump_s": 5.0, "max_queue_jump_prefills": None})
     run_turn(cache, tokens(1, 30), 6, program_id="old", ttl="60s")
+    clock = cache._clock  # the harness stamps queue entries on it too
+    clock.t += 1.0
     plain = Turn(cache, tokens(5, 100), 8).arrive()
-    stats = plain.req.time_stats
-    stats.wait_queue_entry_time = time.perf_counter() - 1.0  # SGLang stamps the entry with perf_counter
+    clock.t += 1.0
     cache.relieve_pressure([plain.req], Running())
     assert cache.num_leases == 1
-    stats.wait_queue_entry_time = time.perf_counter() - 10.0
+    clock.t += 9.0
     cache.relieve_pressure([plain.req], Running())
     assert cache.num_leases == 0 and cache.stats["revoked"] == 1
     plain.admit().finish()
