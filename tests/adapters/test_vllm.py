@@ -201,14 +201,20 @@ def test_pins_never_stall_the_engine(engine):
     assert connector.kit.num_leases == 0
 
 
-def test_a_waiting_request_without_a_program_takes_pinned_memory_after_the_aging_bound(engine):
+@pytest.mark.parametrize("chunk", [None, 1024])
+def test_a_waiting_request_without_a_program_takes_pinned_memory_after_the_aging_bound(engine, chunk, monkeypatch):
     """Issue #17 (traffic without a program id is pushed aside): vLLM asks a
     connector to free blocks only for a running request, so a waiting one
     that did not fit behind two pins waited for them to expire, or for the
     engine to run dry (here: until a 1000-token decode ended). Now it takes
     a pin once it has waited longer than the pinned program could jump the
-    queue (3 re-prefills of its context, the default bound)."""
+    queue (3 re-prefills of its context, the default bound). With prefill
+    chunks shorter than the prompt (``chunk``) vLLM still admits only a
+    request whose whole prompt fits (``scheduler_reserve_full_isl``): asking
+    for one chunk's blocks freed too few, and it waited as before."""
     llm, scheduler, pool = engine
+    if chunk is not None:
+        monkeypatch.setattr(scheduler.scheduler_config, "max_num_batched_tokens", chunk)
     kit, core = scheduler.connector.kit, llm.llm_engine
     firsts = {name: tokens(2000) for name in ("hold-1", "hold-2")}
     outs = {name: turn(llm, prompt, program_id=name, tool="bash", ttl="5m") for name, prompt in firsts.items()}

@@ -179,6 +179,27 @@ def test_eta_matches_numpy_on_mixed_programs():
         corr.add_program(0)
 
 
+def test_eta_follows_the_programs_of_today_not_of_last_week():
+    """Issue #17 item 3 (the same workload gets the same leases whatever the
+    server served before): eta summed every program ever finished, so a
+    server that had run many fixed-length programs kept eta near 1 long
+    after its programs' lengths became unpredictable."""
+    rng = np.random.default_rng(7)
+    today = [int(n) for n in rng.geometric(0.15, 300)]
+    used, fresh = TurnCorrelation(window=256), TurnCorrelation(window=256)
+    for _ in range(5000):
+        used.add_program(40)  # last week: every program 40 turns
+    for n in today:
+        used.add_program(n)
+        fresh.add_program(n)
+    assert used.programs == fresh.programs == 256
+    assert used.eta == pytest.approx(fresh.eta, abs=1e-12) and fresh.eta < 0.6
+    with pytest.raises(BadArgumentError):
+        TurnCorrelation(window=5, min_programs=10)
+    with pytest.raises(BadArgumentError):
+        used.add_program(2.5)
+
+
 def test_sliding_mean():
     m = SlidingMean(3)
     assert m.mean(default=7.0) == 7.0

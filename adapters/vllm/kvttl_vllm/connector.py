@@ -227,18 +227,19 @@ class KvttlConnector(KVConnectorBase_V1, SupportsHMA):
         free blocks only when a *running* request is short
         (``has_pending_block_frees``), and a waiting one that does not fit
         just waits, so without this it waited until the leases expired or the
-        engine ran dry. Here, before vLLM allocates, the blocks this step's
-        chunk needs beyond what the pool can give (free and evictable blocks,
-        blocks already on their way back from host copies, vLLM's watermark)
-        are asked of the kit, which revokes what the policy lets this request
-        take (``EngineKit.revoke``)."""
+        engine ran dry. Here, before vLLM allocates, the blocks it will ask
+        for (the whole prompt under ``scheduler_reserve_full_isl``, vLLM's
+        default; else this step's chunk) beyond what the pool can give (free
+        and evictable blocks, blocks already on their way back from host
+        copies, vLLM's watermark) are asked of the kit, which revokes what
+        the policy lets this request take (``EngineKit.revoke``)."""
         pool, bs = self._pool, self._block_size
         sched = self._vllm_config.scheduler_config
         config = self._kv_cache_config
         groups = list(range(len(config.kv_cache_groups))) if config is not None else [0]
         end = request.num_tokens
-        if sched.enable_chunked_prefill:
-            end = min(end, num_computed_tokens + sched.max_num_batched_tokens)
+        if sched.enable_chunked_prefill and not getattr(sched, "scheduler_reserve_full_isl", False):
+            end = min(end, num_computed_tokens + sched.max_num_batched_tokens)  # (else the whole prompt must fit)
         hit_blocks = num_computed_tokens // bs
         # (a hybrid model's groups each allocate; counting every group in full asks too much, never too little)
         need = (-(-end // bs) - hit_blocks) * len(groups) + int(sched.watermark * pool.num_gpu_blocks)

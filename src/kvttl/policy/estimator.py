@@ -212,35 +212,51 @@ class SlidingMean:
 
 
 class TurnCorrelation:
-    """eta = -Corr(k, N - k) over the turns of finished programs.
+    """eta = -Corr(k, N - k) over the turns of the last ``window`` finished programs.
 
     A finished program of N turns contributes the pairs (k, N - k) for k = 1..N.
     If every program had the same N, N - k would fall exactly as k rises (eta = 1):
     a program's remaining turns are predictable, and all of the queueing delay an
-    eviction causes is really saved by pinning. Kept as running sums: O(1)
-    memory. Until ``min_programs`` have finished, ``eta`` is ``default``.
+    eviction causes is really saved by pinning. Kept as running sums of integers
+    (each program's in closed form), with the window's lengths to take the
+    oldest back out: O(1) per program, and a server that ran one workload for
+    days learns the next one within ``window`` programs. Until ``min_programs``
+    have finished, ``eta`` is ``default``.
     """
 
-    __slots__ = ("n", "sk", "sr", "skk", "srr", "skr", "programs", "min_programs", "default")
+    __slots__ = ("n", "sk", "sr", "skk", "srr", "skr", "lengths", "window", "min_programs", "default")
 
-    def __init__(self, *, min_programs: int = 10, default: float = 1.0):
-        self.n = self.sk = self.sr = self.skk = self.srr = self.skr = 0.0
-        self.programs = 0
+    def __init__(self, *, min_programs: int = 10, default: float = 1.0, window: int = 1024):
+        if not (isinstance(window, int) and isinstance(min_programs, int) and 1 <= min_programs <= window):
+            raise BadArgumentError(f"need integers 1 <= min_programs <= window, got {min_programs!r} and {window!r}")
+        self.n = self.sk = self.sr = self.skk = self.srr = self.skr = 0
+        self.lengths: deque[int] = deque()
+        self.window = window
         self.min_programs = min_programs
         self.default = default
 
+    @property
+    def programs(self) -> int:
+        return len(self.lengths)
+
+    def _count(self, num_turns: int, sign: int) -> None:
+        big_n = num_turns
+        sum_k = big_n * (big_n + 1) // 2
+        sum_kk = big_n * (big_n + 1) * (2 * big_n + 1) // 6
+        self.n += sign * big_n
+        self.sk += sign * sum_k
+        self.sr += sign * (big_n * big_n - sum_k)  # sum of N - k
+        self.skk += sign * sum_kk
+        self.srr += sign * (big_n * big_n * big_n - 2 * big_n * sum_k + sum_kk)  # sum of (N - k)^2
+        self.skr += sign * (big_n * sum_k - sum_kk)  # sum of k (N - k)
+
     def add_program(self, num_turns: int) -> None:
-        if num_turns < 1:
-            raise BadArgumentError(f"a finished program has at least one turn, got {num_turns}")
-        k = np.arange(1, num_turns + 1, dtype=np.float64)
-        r = num_turns - k
-        self.n += num_turns
-        self.sk += k.sum()
-        self.sr += r.sum()
-        self.skk += (k * k).sum()
-        self.srr += (r * r).sum()
-        self.skr += (k * r).sum()
-        self.programs += 1
+        if isinstance(num_turns, bool) or not isinstance(num_turns, int) or num_turns < 1:
+            raise BadArgumentError(f"a finished program has an integer number of turns >= 1, got {num_turns!r}")
+        self.lengths.append(num_turns)
+        self._count(num_turns, 1)
+        if len(self.lengths) > self.window:
+            self._count(self.lengths.popleft(), -1)
 
     @property
     def eta(self) -> float:
