@@ -201,21 +201,26 @@ def test_pins_never_stall_the_engine(engine):
     assert connector.kit.num_leases == 0
 
 
-@pytest.mark.parametrize("chunk", [None, 1024])
+@pytest.mark.parametrize("chunk", [None, 512])
 def test_a_waiting_request_without_a_program_takes_pinned_memory_after_the_aging_bound(engine, chunk, monkeypatch):
     """Issue #17 (traffic without a program id is pushed aside): vLLM asks a
     connector to free blocks only for a running request, so a waiting one
     that did not fit behind two pins waited for them to expire, or for the
     engine to run dry (here: until a 1000-token decode ended). Now it takes
     a pin once it has waited longer than the pinned program could jump the
-    queue (3 re-prefills of its context, the default bound). With prefill
-    chunks shorter than the prompt (``chunk``) vLLM still admits only a
-    request whose whole prompt fits (``scheduler_reserve_full_isl``): asking
-    for one chunk's blocks freed too few, and it waited as before."""
+    queue (here a bound of 50 ms, short next to the decode, so that steps
+    measure the wait on a fast machine or a slow one). With prefill chunks
+    shorter than the prompt (``chunk``) vLLM still admits only a request
+    whose whole prompt fits (``scheduler_reserve_full_isl``): asking for one
+    chunk's blocks freed nothing until the decode had eaten into the pool
+    (over 600 steps)."""
+    import attrs
+
     llm, scheduler, pool = engine
+    kit, core = scheduler.connector.kit, llm.llm_engine
+    monkeypatch.setattr(kit, "config", attrs.evolve(kit.config, max_queue_jump_s=0.05, max_queue_jump_prefills=None))
     if chunk is not None:
         monkeypatch.setattr(scheduler.scheduler_config, "max_num_batched_tokens", chunk)
-    kit, core = scheduler.connector.kit, llm.llm_engine
     firsts = {name: tokens(2000) for name in ("hold-1", "hold-2")}
     outs = {name: turn(llm, prompt, program_id=name, tool="bash", ttl="5m") for name, prompt in firsts.items()}
     assert kit.num_leases == 2 and kit.num_pinned == 30
@@ -224,13 +229,15 @@ def test_a_waiting_request_without_a_program_takes_pinned_memory_after_the_aging
                      SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
     core.step()  # the decode runs from here on: no step is empty, so no stall gives a pin back
     core.add_request("plain", TokensPrompt(prompt_token_ids=tokens(2000)), SamplingParams(max_tokens=1))
-    finished = []
+    steps = 0
     try:
-        while core.has_unfinished_requests():
-            finished += [o.request_id for o in core.step() if o.finished]
-        assert finished == ["plain", "long-decode"], "the plain request waited for the pins"
+        while not any(o.request_id == "plain" and o.finished for o in core.step()):
+            steps += 1
+        assert steps < 300, f"the plain request waited {steps} decode steps for the pins"
         assert kit.stats["revoked"] > revoked
     finally:
+        while core.has_unfinished_requests():
+            core.step()
         for name, prompt in firsts.items():
             turn(llm, next_prompt(prompt, outs[name]), program_id=name, tool="bash", last_turn=True)
     assert kit.num_leases == 0
