@@ -167,7 +167,7 @@ class ModelPool:
     def lookup_prefix(self, hashes):
         out = []
         for h in self.hashes(hashes):
-            if h not in self.index:
+            if h not in self.index or self.index[h] in out:  # a repeated hash ends the run: no block twice
                 break
             out.append(self.index[h])
         return out

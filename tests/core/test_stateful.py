@@ -330,3 +330,16 @@ CoreMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestCoreStateful = CoreMachine.TestCase
+
+
+def test_the_model_ends_a_prefix_at_a_repeated_hash_as_the_pool_does():
+    """Found by this state machine on CI: the native pool ends a prefix run at
+    a repeated hash (no block comes back twice), the model handed the block
+    out again, so lookup_prefix([0, 0]) disagreed ([0] against [0, 0])."""
+    pool, model = kvttl.BlockPool(2), ModelPool(2)
+    for p in (pool, model):
+        ids = p.allocate(2)
+        p.register_hashes(ids, [7, 8])
+    for hashes in ([7, 7], [7, 8, 7], [8, 8, 7]):
+        assert pool.lookup_prefix(hashes).tolist() == model.lookup_prefix(hashes)
+        assert pool.acquire_prefix(hashes).tolist() == model.acquire_prefix(hashes)
