@@ -277,7 +277,10 @@ class Simulator:
         prog = self.progs[pi]
         turns = prog.program.turns
         turn = turns[ti]
-        if turn.prompt_tokens < prog.context or turn.new_context:  # compaction, or the trace's ids diverged
+        # A compaction, or a rewritten history (the trace's ids diverged): a fresh context past the blocks
+        # the ids still share. (The kit, told only the prompt's length, takes a rewrite for a continuation,
+        # so the policy counts its rewritten part as context lost.)
+        if turn.prompt_tokens < prog.context or turn.new_context:
             prog.epoch += 1
             prog.context = 0
         prog.ids, prog.ids_extent = turn.hash_ids, turn.hash_extent_tokens
