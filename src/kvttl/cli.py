@@ -59,7 +59,8 @@ def main(argv=None) -> int:
                          description="Replays an agent workload through kvttl's core and policies on a modelled "
                                      "engine, for every policy at every load, and prints a table.")
     sim.add_argument("--workload", default="swe-bench", help="swe-bench, bfcl, or a .toml/.json spec file")
-    sim.add_argument("--trace", help="a TraceLab or Dynamo agentic-Mooncake JSONL trace instead of a workload")
+    sim.add_argument("--trace", help="a TraceLab or Dynamo agentic-Mooncake JSONL trace instead of a workload "
+                     "(Mooncake hash_ids, 512 tokens each, say which prompt blocks requests share)")
     sim.add_argument("--preset", default="llama-3.1-8b-h100",
                      help="llama-3.1-8b-h100, llama-3.1-8b-h200, llama-3.1-70b-4xh100, or a .json file")
     sim.add_argument("--policies", help="comma-separated; the first is the baseline (default: all)")
