@@ -3,7 +3,9 @@
 # build in place with CUDA required (Hopper only, to build fast), run the swap
 # tests (the gpu-marked ones against the CPU backend as the oracle), the kernel
 # round trip under compute-sanitizer memcheck when it is present, then the swap
-# and prefill benchmarks (not with --no-bench). Results go to $OUT (default ./out).
+# benchmark (with its max_ctas sweep) and the prefill benchmark against the
+# cost-model preset of the GPU found (not with --no-bench). Results go to $OUT
+# (default ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -27,14 +29,18 @@ step() { echo "== $* ($(date +%T))"; }
   if command -v compute-sanitizer >/dev/null; then
     step compute-sanitizer
     timeout 75 compute-sanitizer --tool memcheck --error-exitcode 3 \
-      $PY -m pytest -q -p no:cacheprovider -m gpu tests/swap -k "kernel and (8192 or 65539) or host_copier" 2>&1
+      $PY -m pytest -q -p no:cacheprovider -m gpu tests/swap -k "round_trip and kernel and (8192 or 65539) or host_copier or grid_and_tails and 4099" 2>&1
     echo "compute-sanitizer exit $?"
   fi
   if [ $BENCH = 1 ]; then
     step bench_swap
-    timeout 150 $PY benchmarks/bench_swap.py --json "$OUT/bench_swap.json" --repeats 5 2>&1
+    timeout 200 $PY benchmarks/bench_swap.py --json "$OUT/bench_swap.json" --repeats 5 2>&1
     step bench_prefill_gpu
-    timeout 120 $PY benchmarks/bench_prefill_gpu.py --json "$OUT/bench_prefill_gpu.json" --repeats 5 2>&1
+    case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null)" in
+      *H100*) PRESET=llama-3.1-8b-h100 ;;
+      *) PRESET=llama-3.1-8b-h200 ;;
+    esac
+    timeout 120 $PY benchmarks/bench_prefill_gpu.py --preset $PRESET --json "$OUT/bench_prefill_gpu.json" --repeats 5 2>&1
   fi
   step done
 } | tee "$OUT/gpu_check.log"
