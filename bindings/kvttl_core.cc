@@ -427,7 +427,7 @@ struct PySwapEngine {
   std::unique_ptr<kvttl::swap::SwapEngine> engine;
 
   PySwapEngine(nb::list copy, kvttl::swap::HostBuffer& host, int64_t num_slots, const std::string& backend,
-               int max_ctas)
+               int max_ctas, int offload_max_ctas)
       : layers(std::move(copy)) {
     KVTTL_CHECK(backend == "cuda" || backend == "cpu", BadArgument, "swap: backend must be cpu or cuda, got '",
                 backend, "'");
@@ -438,7 +438,7 @@ struct PySwapEngine {
     for (size_t i = 0; i < nb::len(layers); ++i) views.push_back(parse_layer(layers[i], i, want, &device));
     engine = std::make_unique<kvttl::swap::SwapEngine>(
         std::move(views), host, num_slots, cuda ? kvttl::swap::Backend::kCuda : kvttl::swap::Backend::kCpu,
-        device, max_ctas);
+        device, max_ctas, offload_max_ctas);
   }
 
   std::shared_ptr<kvttl::swap::Transfer> submit(nb::handle src, nb::handle dst, const std::string& direction,
@@ -875,14 +875,15 @@ NB_MODULE(_core, m) {
   nb::class_<PySwapEngine>(m, "SwapEngine")
       .def("__init__",
            [](PySwapEngine* self, nb::handle layers, kvttl::swap::HostBuffer& host, int64_t num_slots,
-              const std::string& backend, int max_ctas) {
+              const std::string& backend, int max_ctas, int offload_max_ctas) {
              KVTTL_CHECK(PyList_Check(layers.ptr()) || PyTuple_Check(layers.ptr()), BadArgument,
                          "swap: layers must be a list of tensors, got ", type_name(layers.ptr()));
              nb::list copy;
              for (nb::handle layer : layers) copy.append(layer);
-             new (self) PySwapEngine(std::move(copy), host, num_slots, backend, max_ctas);
+             new (self) PySwapEngine(std::move(copy), host, num_slots, backend, max_ctas, offload_max_ctas);
            },
-           "layers"_a, "host"_a, "num_slots"_a, "backend"_a, "max_ctas"_a, nb::keep_alive<1, 3>())
+           "layers"_a, "host"_a, "num_slots"_a, "backend"_a, "max_ctas"_a, "offload_max_ctas"_a,
+           nb::keep_alive<1, 3>())
       .def("submit", &PySwapEngine::submit, "src"_a.none(), "dst"_a.none(), "direction"_a, "method"_a, "stream"_a,
            "wait_stream"_a)
       .def_prop_ro("slot_bytes", [](const PySwapEngine& e) { return e.engine->layout().slot_bytes; })

@@ -26,44 +26,63 @@ struct DeviceGuard {
   ~DeviceGuard() { cudaSetDevice(previous); }
 };
 
-// Copies `count` elements of V; four loads in flight per thread, since the
-// host side of a transfer is a PCIe round trip away.
+constexpr int kWarp = 32;
+constexpr int kThreads = 256;  // 8 warps per CTA
+constexpr int kUnroll = 8;     // loads in flight per lane
+
+// One warp copies `count` elements of V, lane-strided (coalesced). Each lane
+// issues kUnroll loads before its first store: a read from pinned host memory
+// is a PCIe round trip, and the link is filled only by many reads in flight.
+// The tail is predicated the same way, so an 8 KiB fragment (512 x 16 B) is
+// one round of loads, not a chain of dependent ones.
 template <typename V>
-__device__ __forceinline__ void copy_vec(uint8_t* __restrict__ dst, const uint8_t* __restrict__ src, int64_t count) {
+__device__ __forceinline__ void copy_vec(uint8_t* __restrict__ dst, const uint8_t* __restrict__ src, int64_t count,
+                                         int lane) {
   V* d = reinterpret_cast<V*>(dst);
   const V* s = reinterpret_cast<const V*>(src);
-  const int64_t step = blockDim.x;
-  int64_t i = threadIdx.x;
-  for (; i + 3 * step < count; i += 4 * step) {
-    const V a = s[i], b = s[i + step], c = s[i + 2 * step], e = s[i + 3 * step];
-    d[i] = a;
-    d[i + step] = b;
-    d[i + 2 * step] = c;
-    d[i + 3 * step] = e;
+  int64_t i = lane;
+  V r[kUnroll];
+  for (; i + (kUnroll - 1) * kWarp < count; i += kUnroll * kWarp) {
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) r[k] = s[i + k * kWarp];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) d[i + k * kWarp] = r[k];
   }
-  for (; i < count; i += step) d[i] = s[i];
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k)
+    if (i + k * kWarp < count) r[k] = s[i + k * kWarp];
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k)
+    if (i + k * kWarp < count) d[i + k * kWarp] = r[k];
 }
 
 // The vector width is chosen per fragment from its own alignment.
-__device__ __forceinline__ void copy_fragment(uint8_t* dst, const uint8_t* src, int64_t n) {
+__device__ __forceinline__ void copy_fragment(uint8_t* dst, const uint8_t* src, int64_t n, int lane) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | static_cast<uintptr_t>(n);
   if ((a & 15) == 0) {
-    copy_vec<uint4>(dst, src, n / 16);
+    copy_vec<uint4>(dst, src, n / 16, lane);
   } else if ((a & 7) == 0) {
-    copy_vec<uint2>(dst, src, n / 8);
+    copy_vec<uint2>(dst, src, n / 8, lane);
   } else if ((a & 3) == 0) {
-    copy_vec<uint32_t>(dst, src, n / 4);
+    copy_vec<uint32_t>(dst, src, n / 4, lane);
   } else {
-    copy_vec<uint8_t>(dst, src, n);
+    copy_vec<uint8_t>(dst, src, n, lane);
   }
 }
 
-// One work item per (pair, layer); CTAs stride over the items.
-__global__ void transfer_kernel(const uint64_t* __restrict__ bases, const int64_t* __restrict__ pages,
-                                const int64_t* __restrict__ strides, const int64_t* __restrict__ offsets,
-                                int num_layers, uint8_t* host, int64_t slot_bytes,
-                                const int2* __restrict__ pairs, int64_t num_items, int direction) {
-  for (int64_t item = blockIdx.x; item < num_items; item += gridDim.x) {
+// One work item per (pair, layer), one warp per item; warps stride over the
+// items. A warp per item (not a CTA) keeps many fragments in flight on few
+// SMs: the grid is capped (max_ctas) so that a transfer leaves the SMs to the
+// model's kernels.
+__global__ void __launch_bounds__(kThreads)
+    transfer_kernel(const uint64_t* __restrict__ bases, const int64_t* __restrict__ pages,
+                    const int64_t* __restrict__ strides, const int64_t* __restrict__ offsets, int num_layers,
+                    uint8_t* host, int64_t slot_bytes, const int2* __restrict__ pairs, int64_t num_items,
+                    int direction) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / kWarp);
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarp) + threadIdx.x / kWarp;
+       item < num_items; item += warps) {
     const int64_t p = item / num_layers;
     const int layer = static_cast<int>(item % num_layers);
     const int2 pair = pairs[p];
@@ -72,13 +91,13 @@ __global__ void transfer_kernel(const uint64_t* __restrict__ bases, const int64_
     const int64_t n = pages[layer];
     switch (direction) {
       case 0:  // device -> host
-        copy_fragment(host + pair.y * slot_bytes + offsets[layer], base + pair.x * stride, n);
+        copy_fragment(host + pair.y * slot_bytes + offsets[layer], base + pair.x * stride, n, lane);
         break;
       case 1:  // host -> device
-        copy_fragment(base + pair.y * stride, host + pair.x * slot_bytes + offsets[layer], n);
+        copy_fragment(base + pair.y * stride, host + pair.x * slot_bytes + offsets[layer], n, lane);
         break;
       default:  // device -> device
-        copy_fragment(base + pair.y * stride, base + pair.x * stride, n);
+        copy_fragment(base + pair.y * stride, base + pair.x * stride, n, lane);
         break;
     }
   }
@@ -143,9 +162,10 @@ bool has_batched_memcpy() {
 #endif
 }
 
-CudaSwap::CudaSwap(const swap::Layout& layout, int device, int max_ctas)
-    : layout_(layout), device_(device), max_ctas_(max_ctas) {
+CudaSwap::CudaSwap(const swap::Layout& layout, int device, int max_ctas, int offload_max_ctas)
+    : layout_(layout), device_(device), max_ctas_(max_ctas), offload_max_ctas_(offload_max_ctas) {
   KVTTL_CHECK(max_ctas >= 1, BadArgument, "swap: max_ctas must be >= 1, got ", max_ctas);
+  KVTTL_CHECK(offload_max_ctas >= 1, BadArgument, "swap: offload_max_ctas must be >= 1, got ", offload_max_ctas);
   DeviceGuard guard(device_);
   const size_t n = layout_.layers.size();
   std::vector<uint64_t> bases(n);
@@ -192,8 +212,10 @@ std::shared_ptr<swap::Transfer> CudaSwap::submit(const std::vector<swap::Pair>& 
     // A pageable source is staged before cudaMemcpyAsync returns: `pairs` may go.
     check(cudaMemcpyAsync(d_pairs, pairs.data(), bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
     const int64_t items = static_cast<int64_t>(pairs.size() * L);
-    const int grid = static_cast<int>(std::min<int64_t>(items, max_ctas_));
-    transfer_kernel<<<grid, 256, 0, stream>>>(d_bases_, d_pages_, d_strides_, d_offsets_, static_cast<int>(L),
+    const int64_t warps_per_cta = kThreads / kWarp;
+    const int cap = dir == swap::Direction::kToHost ? offload_max_ctas_ : max_ctas_;
+    const int grid = static_cast<int>(std::min<int64_t>((items + warps_per_cta - 1) / warps_per_cta, cap));
+    transfer_kernel<<<grid, kThreads, 0, stream>>>(d_bases_, d_pages_, d_strides_, d_offsets_, static_cast<int>(L),
                                               layout_.host, layout_.slot_bytes, d_pairs, items,
                                               direction_code(dir));
     check(cudaGetLastError(), "transfer kernel launch");

@@ -39,7 +39,7 @@ HostBuffer::~HostBuffer() {
 }
 
 SwapEngine::SwapEngine(std::vector<LayerView> layers, HostBuffer& host, int64_t num_slots, Backend backend,
-                       int device, int max_ctas)
+                       int device, int max_ctas, int offload_max_ctas)
     : backend_(backend), device_(device) {
 #ifndef KVTTL_WITH_CUDA
   KVTTL_CHECK(backend != Backend::kCuda, BadArgument,
@@ -54,11 +54,12 @@ SwapEngine::SwapEngine(std::vector<LayerView> layers, HostBuffer& host, int64_t 
               " slots of ", layout_.slot_bytes, " bytes need ", num_slots * layout_.slot_bytes,
               " bytes; the host buffer has ", host.num_bytes());
   KVTTL_CHECK(max_ctas >= 1, BadArgument, "swap: max_ctas must be >= 1, got ", max_ctas);
+  KVTTL_CHECK(offload_max_ctas >= 1, BadArgument, "swap: offload_max_ctas must be >= 1, got ", offload_max_ctas);
   layout_.host = host.data();
   layout_.num_slots = num_slots;
   if (backend == Backend::kCuda) {
 #ifdef KVTTL_WITH_CUDA
-    gpu_ = std::make_unique<cuda::CudaSwap>(layout_, device_, max_ctas);
+    gpu_ = std::make_unique<cuda::CudaSwap>(layout_, device_, max_ctas, offload_max_ctas);
 #endif
   } else {
     cpu_ = std::make_unique<CpuQueue>();

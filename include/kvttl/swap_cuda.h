@@ -24,9 +24,11 @@ bool has_batched_memcpy();
 
 class CudaSwap {
  public:
-  // layout.host must be device-addressable (pinned, mapped). max_ctas caps
-  // the kernel's grid so a transfer leaves SMs to the engine's compute.
-  CudaSwap(const swap::Layout& layout, int device, int max_ctas);
+  // layout.host must be device-addressable (pinned, mapped). The caps bound
+  // the kernel's grid so a transfer leaves SMs to the engine's compute:
+  // offload_max_ctas for copies to the host (off the critical path, and the
+  // ones that slow a GEMM beside them most), max_ctas for the others.
+  CudaSwap(const swap::Layout& layout, int device, int max_ctas, int offload_max_ctas);
   ~CudaSwap();
   CudaSwap(const CudaSwap&) = delete;
   CudaSwap& operator=(const CudaSwap&) = delete;
@@ -41,6 +43,7 @@ class CudaSwap {
   swap::Layout layout_;
   int device_;
   int max_ctas_;
+  int offload_max_ctas_;
   uint64_t* d_bases_ = nullptr;
   int64_t* d_pages_ = nullptr;
   int64_t* d_strides_ = nullptr;

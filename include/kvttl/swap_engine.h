@@ -46,7 +46,7 @@ class SwapEngine {
  public:
   // device: the CUDA device of the layers (ignored on the CPU backend).
   SwapEngine(std::vector<LayerView> layers, HostBuffer& host, int64_t num_slots, Backend backend,
-             int device, int max_ctas);
+             int device, int max_ctas, int offload_max_ctas);
   ~SwapEngine();  // drains the CPU queue before the layout can go
   SwapEngine(const SwapEngine&) = delete;
   SwapEngine& operator=(const SwapEngine&) = delete;

@@ -178,6 +178,14 @@ def test_bad_layouts(layers, words):
         assert w in str(info.value)
 
 
+@pytest.mark.parametrize("caps, word", [(dict(max_ctas=0), "max_ctas must be >= 1, got 0"),
+                                        (dict(offload_max_ctas=-2), "offload_max_ctas must be >= 1, got -2")])
+def test_bad_grid_caps_are_named(caps, word):
+    layers = [np.zeros((4, 16), np.uint8)]
+    with pytest.raises(BadArgumentError, match=word):
+        TransferEngine(layers, HostTier.for_layers(layers, num_slots=2), backend="cpu", **caps)
+
+
 def test_host_tier_sizes_and_errors():
     tier = HostTier(slot_bytes=100, size_bytes=1050)
     assert tier.num_slots == 10 and tier.pool.capacity == 10 and tier.array().shape == (10, 100)

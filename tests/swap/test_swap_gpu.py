@@ -73,6 +73,32 @@ def test_round_trip_matches_cpu_backend(framework, method, page_bytes):
         assert np.array_equal(got[[20, 21]], h[[5, 0]])
 
 
+@pytest.mark.parametrize("max_ctas", [1, 3, 8])
+@pytest.mark.parametrize("page_bytes", [4, 1004, 4099, 8192 + 48, 40008])
+def test_kernel_grid_and_tails_match_cpu_backend(max_ctas, page_bytes):
+    """The kernel gives one warp to each (block, layer) fragment and strides
+    the warps over all of them: a grid much smaller than the work, fragments
+    of every vector width and lane tails that are not a whole round."""
+    torch = cuda_torch()
+    rng = np.random.default_rng(page_bytes + max_ctas)
+    host_layers = [rng.integers(0, 256, (64, page_bytes), dtype=np.uint8) for _ in range(5)]
+    blocks = [int(b) for b in rng.permutation(64)[:40]]
+    slots = [int(s) for s in rng.permutation(48)[:40]]
+    cpu_layers = [l.copy() for l in host_layers]
+    cpu_host = HostTier.for_layers(cpu_layers, num_slots=48)
+    TransferEngine(cpu_layers, cpu_host, backend="cpu").offload(blocks, slots).wait()
+    dev = [torch.from_numpy(l).cuda() for l in host_layers]
+    tier = HostTier.for_layers(dev, num_slots=48)
+    eng = TransferEngine(dev, tier, backend="cuda", max_ctas=max_ctas)
+    eng.offload(blocks, slots, method="kernel").wait()
+    assert np.array_equal(tier.array()[slots], cpu_host.array()[slots])
+    for d in dev:
+        d.zero_()
+    eng.reload(slots, blocks, method="kernel").wait()
+    for d, h in zip(dev, host_layers):
+        assert np.array_equal(d.cpu().numpy()[blocks], h[blocks])
+
+
 @pytest.mark.parametrize("framework", frameworks())
 def test_stream_ordering_and_bad_ids(framework):
     rng = np.random.default_rng(0)

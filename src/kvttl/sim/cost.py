@@ -70,7 +70,9 @@ class GpuSpec:
 # HBM3e (NVIDIA H200 datasheet), 143771 MiB as nvidia-smi reports it for the "141 GB" part.
 # Host link: PCIe Gen5 x16, ~50 GB/s achieved (DESIGN.md §5); measured on an H200: 54-55 GB/s
 # for one large pinned copy, 47-52 GB/s through kvttl's kernel for batches of >= 256 blocks
-# (benchmarks/bench_swap.py). One link per GPU, shared by every copy in flight.
+# (benchmarks/bench_swap.py); on an H100 the same at 32 CTAs, and 34-48 GB/s at the default
+# grid caps (2 CTAs out, 8 in), which leave the SMs to the model. One link per GPU, shared by
+# every copy in flight.
 # NVLink 4: 450 GB/s per direction per GPU.
 # Llama 3.1 shapes from the HF configs.
 MiB = 1024**2

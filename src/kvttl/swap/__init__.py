@@ -42,6 +42,17 @@ METHODS = ("auto", "kernel", "batched", "loop")
 #: (47-52 GB/s against 5-41 at >= 256 blocks); above 64 KiB is not measured.
 KERNEL_MAX_FRAGMENT_BYTES = 256 * 1024
 
+#: The kernel's grid caps. Copy CTAs hold their SMs for the whole transfer and
+#: a GEMM beside them waits for those SMs, most of all beside copies to the
+#: host. Measured on an H100 (benchmarks/README.md, bench_swap.py's sweep, 8 B
+#: shape, 8-32 KiB fragments, 64-256 blocks): beside offloads a bf16 GEMM
+#: stream ran 1.0-1.06x as long at 2 CTAs, 1.2-1.5x at 8, 1.5-1.7x at 32, while
+#: 2 CTAs still moved 34-48 GB/s to the host; beside reloads 1.0-1.1x at 8 CTAs
+#: (39-48 GB/s), up to 1.2x at 32. Offloads run beside the model, reloads are
+#: what a returning turn waits for: so few CTAs for the first, more for the second.
+DEFAULT_MAX_CTAS = 8
+DEFAULT_OFFLOAD_MAX_CTAS = 2
+
 
 def cuda_unavailable_reason() -> str | None:
     """Why the cuda backend cannot run here, or None if it can."""
@@ -149,7 +160,15 @@ def _stream_handle(stream) -> int:
 
 
 class TransferEngine:
-    def __init__(self, layers: Sequence, host: HostTier, *, backend: str = "auto", max_ctas: int = 32,
+    """Block transfers over one set of layer tensors and one host tier.
+
+    ``max_ctas`` caps the cuda kernel's grid for reloads and device copies,
+    ``offload_max_ctas`` for offloads: each CTA holds an SM for the whole
+    transfer, so the caps bound what a transfer takes from the model's
+    kernels (defaults measured: ``DEFAULT_MAX_CTAS``)."""
+
+    def __init__(self, layers: Sequence, host: HostTier, *, backend: str = "auto", max_ctas: int = DEFAULT_MAX_CTAS,
+                 offload_max_ctas: int = DEFAULT_OFFLOAD_MAX_CTAS,
                  kernel_max_fragment_bytes: int = KERNEL_MAX_FRAGMENT_BYTES):
         layers = list(layers)
         if not layers:
@@ -171,7 +190,7 @@ class TransferEngine:
                 f"{host.slot_bytes} (make it with HostTier.for_layers)")
         self.backend = backend
         self.host = host
-        self._native = _core.SwapEngine(layers, host.buffer, host.num_slots, backend, max_ctas)
+        self._native = _core.SwapEngine(layers, host.buffer, host.num_slots, backend, max_ctas, offload_max_ctas)
         self._kernel_max = kernel_max_fragment_bytes
         pages = self._native.page_bytes
         self._mean_fragment = sum(pages) / len(pages)
