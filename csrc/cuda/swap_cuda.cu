@@ -72,8 +72,8 @@ __device__ __forceinline__ void copy_fragment(uint8_t* dst, const uint8_t* src, 
 
 // One work item per (pair, layer), one warp per item; warps stride over the
 // items. A warp per item (not a CTA) keeps many fragments in flight on few
-// SMs: the grid is capped (max_ctas) so that a transfer leaves the SMs to the
-// model's kernels.
+// SMs: the grid is capped (max_ctas, offload_max_ctas) so that a transfer
+// leaves the SMs to the model's kernels.
 __global__ void __launch_bounds__(kThreads)
     transfer_kernel(const uint64_t* __restrict__ bases, const int64_t* __restrict__ pages,
                     const int64_t* __restrict__ strides, const int64_t* __restrict__ offsets, int num_layers,
@@ -215,9 +215,9 @@ std::shared_ptr<swap::Transfer> CudaSwap::submit(const std::vector<swap::Pair>& 
     const int64_t warps_per_cta = kThreads / kWarp;
     const int cap = dir == swap::Direction::kToHost ? offload_max_ctas_ : max_ctas_;
     const int grid = static_cast<int>(std::min<int64_t>((items + warps_per_cta - 1) / warps_per_cta, cap));
-    transfer_kernel<<<grid, kThreads, 0, stream>>>(d_bases_, d_pages_, d_strides_, d_offsets_, static_cast<int>(L),
-                                              layout_.host, layout_.slot_bytes, d_pairs, items,
-                                              direction_code(dir));
+    transfer_kernel<<<grid, kThreads, 0, stream>>>(d_bases_, d_pages_, d_strides_, d_offsets_,
+                                                   static_cast<int>(L), layout_.host, layout_.slot_bytes, d_pairs,
+                                                   items, direction_code(dir));
     check(cudaGetLastError(), "transfer kernel launch");
     check(cudaFreeAsync(d_pairs, stream), "cudaFreeAsync");
   } else if (!pairs.empty()) {
