@@ -196,8 +196,11 @@ def policy_terms(kit, context_tokens: int) -> dict | None:
     ttl = kit.policy.ttl
     if not hasattr(ttl, "evicted_delay"):
         return None
-    return {"evicted_delay_T_s": ttl.evicted_delay.mean(), "eta": ttl.correlation.eta,
-            "prefill_s": kit.reload.prefill_s(context_tokens), "estimator_stage": ttl.estimator.stage("bash")}
+    terms = {"evicted_delay_T_s": ttl.evicted_delay.mean(), "eta": ttl.correlation.eta,
+             "prefill_s": kit.reload.prefill_s(context_tokens), "estimator_stage": ttl.estimator.stage("bash")}
+    if hasattr(ttl, "revoked_share"):  # kvttl: a hit is worth (1 - revoked share) of the rest
+        terms["revoked_share"] = ttl.revoked_share()
+    return terms
 
 
 def p95(values) -> float:

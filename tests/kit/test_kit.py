@@ -119,6 +119,22 @@ def test_later_programs_may_not_revoke_earlier_ones_unless_nothing_runs():
     assert [lease.owner for lease in k.revoke(num_leases=1, requester="mid1", idle=True)] == ["old"]
 
 
+def test_the_policy_learns_how_each_lease_ended():
+    """kvttl prices a pin by its chance of surviving: the kit tells the TTL
+    policy how every lease ended, revoked, expired or released."""
+    k, _, clock = kit("kvttl")
+    for i, (key, program) in enumerate((("a1", "A"), ("b1", "B"), ("c1", "C"))):
+        k.arrived(key, hints(program, ttl_s=10.0), arrival=float(i))
+        assert finish(k, key).granted
+    assert [lease.owner for lease in k.revoke(num_leases=1, idle=True)] == ["C"]  # latest program first
+    k.arrived("a2", hints("A", ttl_s=10.0))
+    k.admitted("a2", device_hit_tokens=48)  # its turn came back: released to it
+    clock.t += 11
+    assert k.tick() and k.num_leases == 0  # B expired
+    revoked = k.policy.ttl.revoked
+    assert len(revoked) == 3 and revoked.mean() == pytest.approx(1 / 3)
+
+
 def test_a_failed_engine_hold_leaves_no_lease():
     k, _, _ = kit(engine=Engine(fail_pin=True))
     k.arrived("a1", hints("A"))

@@ -433,6 +433,30 @@ def test_kvttl_believes_a_hint_only_as_far_as_the_evidence_goes():
     assert policy.ttl(plain) == continuum.ttl(plain) > 0  # without a hint: Continuum's tau*
 
 
+def test_kvttl_values_a_pin_by_its_chance_of_not_being_revoked():
+    """Pins are soft: on a server that revokes half its leases, a pin is
+    worth half of Eq. 2's value, so tau* pins for fewer tools' durations."""
+    from kvttl.policy import KvttlTTL
+
+    policy = KvttlTTL(min_samples=10)
+    for d in np.concatenate([np.linspace(0.1, 0.2, 50), np.linspace(1.0, 1.1, 50)]):
+        policy.on_tool_return("cat", float(d))  # half the calls take 0.1-0.2 s, half 1.0-1.1 s
+    turn = TurnContext(program_id=1, tool="cat", prefill_s=3.0)  # a hit saves 3 s: wait for both
+    kept = policy.ttl(turn)
+    full = policy.value_s(turn)
+    for _ in range(KvttlTTL.revocation_min_samples - 1):
+        policy.on_lease_ended("revoked")
+    assert policy.revoked_share() == 0.0 and policy.ttl(turn) == kept  # too few ends to judge
+    for reason in ("released", "expired") * 16 + ("revoked",):
+        policy.on_lease_ended(reason)
+    assert policy.revoked_share() == pytest.approx(0.5)
+    assert policy.value_s(turn) == pytest.approx(full / 2)
+    assert kept == pytest.approx(1.1) and policy.ttl(turn) == pytest.approx(0.2)  # worth 1.5 s: the short ones
+    for _ in range(KvttlTTL.revocation_window):
+        policy.on_lease_ended("released")
+    assert policy.revoked_share() == 0.0 and policy.ttl(turn) == kept  # the window forgets
+
+
 def test_the_oracle_pins_exactly_the_turns_that_return_while_a_pin_pays():
     from kvttl.policy import OracleTTL
 

@@ -460,6 +460,7 @@ class EngineKit:
         copy_out = reason != "released" and self.offload_mode == "on_unpin"
         self.hooks.unpin(None if handle is _HELD else handle, reason=reason, copy_out=copy_out)
         self._count(reason)
+        self.policy.ttl.on_lease_ended(reason)
 
     def _count(self, event: str) -> None:
         self.stats[event] += 1
