@@ -225,10 +225,9 @@ class KvttlTTL(ContinuumTTL):
       so a hit is worth ``1 - p`` of Eq. 2's value, p the share of the last
       256 ended leases that were revoked (0 until 32 have ended). Where
       memory is contended, that pins less; where pins survive, nothing
-      changes. In the simulator (benchmarks/README.md, 2026-12-06) it cut
-      the worst loss to a peer from 1.030x to 1.021x and the gap to the
-      oracle from 1.072x to 1.039x, and 70B SWE-bench went from 1.69x to
-      1.74x the best peer.
+      changes. In the simulator it narrowed kvttl's worst loss to a peer on
+      every seed measured, at the price of some of 70B SWE-bench's lead on
+      one (benchmarks/README.md, 2026-12-06).
     """
 
     name = "kvttl"
