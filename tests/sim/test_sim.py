@@ -92,6 +92,9 @@ def test_concurrent_host_reloads_share_the_link():
     assert result.host_reloaded_tokens > 0 and len(reloads) == 2
     one = H100.host_reload_s(999 * 16)  # the blocks before the one holding the last prompt token
     assert reloads[0] == pytest.approx(one, rel=0.01) and reloads[1] == pytest.approx(2 * one, rel=0.01)
+    # what reloading ahead of time could save: both waits, the second's queueing included
+    assert result.host_reload_wait_s == pytest.approx(3 * one, rel=0.01)
+    assert result.summary()["host_reload_wait_s"] == result.host_reload_wait_s
 
 
 def test_reload_model_matches_chunked_prefill_cost():
@@ -572,6 +575,24 @@ def test_a_tie_is_called_a_tie(capsys):
                  "--programs", "10", "--policies", "vllm,continuum"]) == 0
     text = capsys.readouterr().out
     assert "a tie" in text and "best at 0.5 jps: continuum" not in text
+
+
+def test_a_full_host_tier_is_named_with_the_flag_that_sizes_it(tmp_path, capsys):
+    """On 70B/4xH100 the 256 GB default held the contexts of only about a fifth of
+    60 programs: the peers that lean on the host tier re-prefilled, and the ranking
+    hung on the tier's size without the output saying so."""
+    out = tmp_path / "r.json"
+    args = ["simulate", "--quiet", "--workers", "1", "--programs", "6", "--jps", "0.4", "--gpu-blocks", "6000",
+            "--policies", "vllm,vllm-lmcache", "--json", str(out)]
+    assert main(args + ["--host-gb", "0.5"]) == 0  # a few thousand tokens: no context fits
+    text = capsys.readouterr().out
+    rows = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["vllm-lmcache"]["host_lost_rate"] > 0 and rows["vllm"]["host_lost_tokens"] == 0
+    assert "The 0.5 GB host tier was too small for vllm-lmcache: it evicted contexts" in text
+    assert "--host-gb sets it" in text
+    assert main(args) == 0  # the default holds six programs' contexts
+    assert "too small" not in capsys.readouterr().out
+    assert json.loads(out.read_text())["results"][1]["host_lost_tokens"] == 0
 
 
 def test_a_trace_with_arrival_times_replays_them_without_jps(tmp_path, capsys):

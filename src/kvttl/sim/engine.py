@@ -110,6 +110,8 @@ class _Prog:
     ids_extent: int = 0
     finished_at: float | None = None
     turns_done: int = 0
+    #: block hashes of the context the host tier was last asked to hold, stored or not
+    host_copy: list = attrs.Factory(list)
 
 
 class _Hooks:
@@ -145,6 +147,12 @@ class RunResult:
     prompt_tokens: int
     cached_tokens: int
     host_reloaded_tokens: int
+    #: seconds requests waited, in all, for their host reloads (link time and
+    #: queueing behind other reloads): all that reloading ahead of time could save
+    host_reload_wait_s: float
+    #: tokens of returning turns' contexts that were sent to the host tier and
+    #: were not there when the turn came back: it was too small to hold them
+    host_lost_tokens: int
     reprefilled_tokens: int
     prefilled_tokens: int
     output_tokens: int
@@ -169,6 +177,8 @@ class RunResult:
             "output_tokens_per_s": self.output_tokens / self.makespan_s,
             "prefix_hit_rate": self.cached_tokens / max(1, self.prompt_tokens),
             "host_reload_rate": self.host_reloaded_tokens / max(1, self.prompt_tokens),
+            "host_reload_wait_s": self.host_reload_wait_s, "host_lost_tokens": self.host_lost_tokens,
+            "host_lost_rate": self.host_lost_tokens / max(1, self.prompt_tokens),
             "reprefilled_tokens": self.reprefilled_tokens,
             "pinned_block_seconds": self.pinned_block_s,
             "leases_granted": self.leases_granted, "leases_refused": self.leases_refused,
@@ -235,8 +245,10 @@ class Simulator:
         self._blocked: tuple | None = None
         self._no_admit_once = False
         # counters (lease events are the kit's)
-        self.c = dict(prompt=0, cached=0, host=0, reprefill=0, prefilled=0, output=0, preempt=0, steps=0)
+        self.c = dict(prompt=0, cached=0, host=0, host_lost=0, reprefill=0, prefilled=0, output=0, preempt=0,
+                      steps=0)
         self.pinned_block_s = 0.0
+        self.host_reload_wait_s = 0.0
         self.queue_delays: list[float] = []
 
     def _push(self, t: float, prog: int, turn: int) -> None:
@@ -271,6 +283,8 @@ class Simulator:
                 self.host.register_hashes(ids, missing[: len(ids)])
                 self.host.drop_ref(ids[::-1])
         self.host.drop_ref(present[::-1])
+        if content is None or content[0] == prog.epoch:  # not a context the program has since left
+            prog.host_copy = hashes
 
     # ---- arrivals -------------------------------------------------------------------
     def _arrive(self, pi: int, ti: int) -> None:
@@ -396,6 +410,7 @@ class Simulator:
         if host_hit:  # reloads share the host link: each starts when the one before it is done
             req.ready_at = max(self.now, self.host_link_free_at) + self.cost.host_reload_s(host_hit * bs)
             self.host_link_free_at = req.ready_at
+            self.host_reload_wait_s += req.ready_at - self.now
             self._register_full(req)  # reloaded blocks hold their content now
             chunk = 0
         if req.first_scheduled is None:
@@ -406,6 +421,12 @@ class Simulator:
             prev_blocks = min(prog.context - 1, req.prompt) // bs
             if req.turn > 0:
                 self.c["reprefill"] += max(0, prev_blocks - len(hit) - host_hit) * bs
+                copied = 0  # blocks of this prompt the host tier was given (a rewritten history is not)
+                for mine, sent in zip(hashes, prog.host_copy):
+                    if mine != sent:
+                        break
+                    copied += 1
+                self.c["host_lost"] += max(0, min(copied, prev_blocks) - len(hit) - host_hit) * bs
             # Its own references first, then the kit hands the lease over. A
             # host reload does not count as a device hit: the program lost its
             # pin's priority and queued like new work.
@@ -657,6 +678,7 @@ class Simulator:
             policy=self.policy.name, jps=self.jps, num_programs=len(progs), jct_s=jct,
             turns=np.array([len(p.program.turns) for p in progs]), makespan_s=max(1e-9, last - first),
             prompt_tokens=c["prompt"], cached_tokens=c["cached"], host_reloaded_tokens=c["host"],
+            host_reload_wait_s=self.host_reload_wait_s, host_lost_tokens=c["host_lost"],
             reprefilled_tokens=c["reprefill"], prefilled_tokens=c["prefilled"], output_tokens=c["output"],
             pinned_block_s=self.pinned_block_s, leases_granted=leases["granted"], leases_refused=leases["refused"],
             leases_hit=leases["hit"], leases_expired=leases["expired"], leases_revoked=leases["revoked"],

@@ -134,9 +134,9 @@ class Fleet:
         results = [sim._result() for sim in self.sims]  # each checks its own leaks
         first = results[0]
         total = {field: sum(getattr(r, field) for r in results) for field in (
-            "prompt_tokens", "cached_tokens", "host_reloaded_tokens", "reprefilled_tokens", "prefilled_tokens",
-            "output_tokens", "pinned_block_s", "leases_granted", "leases_refused", "leases_hit", "leases_expired",
-            "leases_revoked", "preemptions", "num_steps")}
+            "prompt_tokens", "cached_tokens", "host_reloaded_tokens", "host_reload_wait_s", "host_lost_tokens",
+            "reprefilled_tokens", "prefilled_tokens", "output_tokens", "pinned_block_s", "leases_granted",
+            "leases_refused", "leases_hit", "leases_expired", "leases_revoked", "preemptions", "num_steps")}
         return RunResult(policy=first.policy, jps=self.jps, num_programs=first.num_programs, jct_s=first.jct_s,
                          turns=first.turns, makespan_s=first.makespan_s,
                          queue_delays_s=np.concatenate([r.queue_delays_s for r in results]), **total)

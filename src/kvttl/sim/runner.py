@@ -194,6 +194,11 @@ def run_sweep(cfg: SweepConfig, *, progress: bool | str = True) -> dict:
                                                                "baseline": baseline}}
 
 
+#: a policy that re-prefilled this share of its prompt tokens because the host
+#: tier had evicted them is named under the table, with the flag that sizes the tier
+HOST_LOST_NOTED = 0.01
+
+
 def format_tables(report: dict) -> str:
     cfg = report["config"]
     baseline = cfg["baseline"]
@@ -233,6 +238,15 @@ def format_tables(report: dict) -> str:
         if bound is not None and bound is not best:
             lines.append(f"{'':>6} {bound['policy']} (a clairvoyant bound on TTLs, not a choice): mean JCT "
                          f"{bound['mean_jct_s'] / best['mean_jct_s']:.2f}x {best['policy']}'s")
+        lines.append("")
+    full = [r for r in report["results"] if r.get("host_lost_rate", 0.0) >= HOST_LOST_NOTED]
+    if full:
+        worst = max(full, key=lambda r: r["host_lost_rate"])
+        names = ", ".join(dict.fromkeys(r["policy"] for r in full))
+        lines.append(f"The {cfg['host_tier_gb']:g} GB host tier was too small for {names}: it evicted contexts "
+                     f"before their next turn came back, which re-prefilled them ({worst['policy']} at "
+                     f"{load_text(worst['jps'])}: {worst['host_lost_rate']:.1%} "
+                     "of its prompt tokens). The ranking then depends on the tier's size: --host-gb sets it.")
         lines.append("")
     top = max(cfg["loads"])
     lines.append(f"Mean JCT speedup vs {baseline} by turns per program, at {load_text(top)}:")
