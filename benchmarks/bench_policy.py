@@ -48,8 +48,12 @@ MATRIX = (
 SHORT = "1-5"
 
 
+def _row(report, policy, jps):
+    return next(r for r in report["results"] if r["policy"] == policy and r["jps"] == jps)
+
+
 def _mean(report, policy, jps):
-    return next(r["mean_jct_s"] for r in report["results"] if r["policy"] == policy and r["jps"] == jps)
+    return _row(report, policy, jps)["mean_jct_s"]
 
 
 def _short_mean(report, policy, jps):
@@ -70,6 +74,7 @@ def judge(workload: str, report: dict, candidate: str) -> dict:
         if mine is not None and stock is not None:
             fair.append(mine / stock)
     peer_top = min(_mean(report, p, top) for p in PEERS)
+    mine = _row(report, candidate, top)
     return {
         "workload": workload, "preset": report["config"]["preset"], "loads": loads,
         "mean_jct_s_top": {p: _mean(report, p, top) for p in report["config"]["policies"]},
@@ -80,6 +85,10 @@ def judge(workload: str, report: dict, candidate: str) -> dict:
         "oracle_ahead_of_best_peer_top": peer_top / _mean(report, "oracle", top),
         "short_programs_vs_vllm_worst": max(fair) if fair else None,  # <= 1.10
         "vs_vllm_low": _mean(report, candidate, low) / _mean(report, "vllm", low),  # <= 1.01
+        # what reloading from the host tier ahead of each tool's return could save at most, as a share
+        # of the candidate's summed JCT at the top load: every second its requests waited for reloads
+        "host_reload_wait_share_top": mine["host_reload_wait_s"] / sum(mine["jct_s"]),
+        "host_lost_rate_top": {p: _row(report, p, top)["host_lost_rate"] for p in report["config"]["policies"]},
     }
 
 
@@ -118,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--programs", type=int, default=60, help="programs per run (default 60, kvttl simulate's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", help="comma-separated substrings: run the matrix rows whose workload matches")
+    ap.add_argument("--host-gb", type=float, default=256.0,
+                    help="pinned host DRAM for KV per engine, as kvttl simulate's --host-gb (default 256)")
     args = ap.parse_args(argv)
     policies = tuple(dict.fromkeys([*POLICIES[:-2], args.candidate, "oracle"]))
     matrix = [m for m in MATRIX if not args.only or any(s in m[0] for s in args.only.split(","))]
@@ -125,7 +136,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for i, (workload, preset) in enumerate(matrix, 1):
         cfg = SweepConfig(workload=workload, preset=preset, policies=policies, num_programs=args.programs,
-                          seed=args.seed)
+                          seed=args.seed, host_tier_gb=args.host_gb)
         report = run_sweep(cfg, progress=False)
         reports.append(report)
         row = judge(Path(workload).stem, report, args.candidate)
@@ -147,7 +158,7 @@ def main(argv=None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"candidate": args.candidate, "programs": args.programs, "seed": args.seed,
-                       "summary": summary, "met": verdict, "workloads": rows,
+                       "host_gb": args.host_gb, "summary": summary, "met": verdict, "workloads": rows,
                        "reports": reports}, f, indent=1)
     return 0
 
