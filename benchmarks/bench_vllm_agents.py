@@ -27,7 +27,10 @@ the JCT the result reports what the workload did: the share of returning
 turns that lost context under stock (the pressure created: with none there
 is nothing to gain), the latency of the background requests (traffic
 without a program id) under each, and kvttl's leases granted and the share
-of them that were hit.
+of them that were hit. With --ceiling-blocks N a third process runs stock on an
+N-block pool, large enough that no context is lost: the most that keeping
+contexts can give this workload, without reordering its queue
+(``ceiling_jct_speedup``, in units of P like the rest).
 """
 
 from __future__ import annotations
@@ -283,6 +286,9 @@ def main(argv=None):
     ap.add_argument("--max-queue-jump-prefills", type=float, default=3.0,
                     help="kvttl side: the kit's max_queue_jump_prefills (negative: unbounded, Continuum's order)")
     ap.add_argument("--blocks", type=int, default=40)
+    ap.add_argument("--ceiling-blocks", type=int, default=0,
+                    help="also run stock on a pool this large (no context lost): the most keeping contexts can "
+                         "give (0: don't)")
     ap.add_argument("--single-batch", type=int, default=16)
     ap.add_argument("--single-tokens", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
@@ -299,10 +305,11 @@ def main(argv=None):
         model = os.path.join(tmp, "model")
         make_model(model)
 
-        def child(mode, policy):
+        def child(mode, policy, *extra):
             forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                          if k not in ("json", "mode", "model", "policy")]
-            cmd = [sys.executable, __file__, "--mode", mode, "--model", model, f"--policy={policy}", *forwarded]
+            cmd = [sys.executable, __file__, "--mode", mode, "--model", model, f"--policy={policy}", *forwarded,
+                   *extra]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
@@ -313,8 +320,11 @@ def main(argv=None):
         policies = [p.strip() for p in args.policy.split(",") if p.strip()]
         stock = child("stock", policies[0])
         sides = {policy: child("kvttl", policy) for policy in policies}
+        roomy = child("stock", policies[0], f"--blocks={args.ceiling_blocks}") if args.ceiling_blocks else None
     by_policy = {policy: compare(stock, side, args) for policy, side in sides.items()}
     result = by_policy[policies[0]] | {"policy": policies[0]}
+    if roomy is not None:
+        result["ceiling"] = ceiling(stock, roomy, args.ceiling_blocks)
     if len(policies) > 1:
         result["by_policy"] = by_policy
     print(json.dumps(result, indent=2))
@@ -322,6 +332,20 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def ceiling(stock: dict, roomy: dict, blocks: int) -> dict:
+    """Stock on a pool where nothing is lost, against stock: what perfect
+    caching would give, at no cost in memory and with the queue unchanged."""
+    unit = {"stock": stock["prefill_s"] or 1.0, "roomy": roomy["prefill_s"] or 1.0}
+    return {
+        "blocks": blocks, "stock_mean_jct_s": roomy["mean_jct_s"], "prefill_s": roomy["prefill_s"],
+        # above 0, the pool was not large enough for this to be a ceiling
+        "returning_turns_lost": roomy["returning_turns_lost"],
+        "ceiling_jct_speedup": (stock["mean_jct_s"] / unit["stock"]) / (roomy["mean_jct_s"] / unit["roomy"]),
+        "ceiling_jct_speedup_raw_seconds": stock["mean_jct_s"] / roomy["mean_jct_s"],
+        "background_mean_s": roomy["background_mean_s"],
+    }
 
 
 def compare(stock: dict, kvttl: dict, args) -> dict:
