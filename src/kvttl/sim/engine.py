@@ -110,8 +110,6 @@ class _Prog:
     ids_extent: int = 0
     finished_at: float | None = None
     turns_done: int = 0
-    #: block hashes of the context the host tier was last asked to hold, stored or not
-    host_copy: list = attrs.Factory(list)
 
 
 class _Hooks:
@@ -148,10 +146,11 @@ class RunResult:
     cached_tokens: int
     host_reloaded_tokens: int
     #: seconds requests waited, in all, for their host reloads (link time and
-    #: queueing behind other reloads): all that reloading ahead of time could save
+    #: queueing behind other reloads), after a preemption too: more than
+    #: reloading ahead of each tool's return could ever save
     host_reload_wait_s: float
-    #: tokens of returning turns' contexts that were sent to the host tier and
-    #: were not there when the turn came back: it was too small to hold them
+    #: tokens of returning turns' contexts that were sent to this engine's host
+    #: tier and were not there when the turn came back: the tier could not keep them
     host_lost_tokens: int
     reprefilled_tokens: int
     prefilled_tokens: int
@@ -249,6 +248,9 @@ class Simulator:
                       steps=0)
         self.pinned_block_s = 0.0
         self.host_reload_wait_s = 0.0
+        #: program id -> (content, blocks): what this engine's host tier was last
+        #: asked to hold of the program's context (content as _hashes takes it)
+        self._host_copy: dict[int, tuple] = {}
         self.queue_delays: list[float] = []
 
     def _push(self, t: float, prog: int, turn: int) -> None:
@@ -284,7 +286,18 @@ class Simulator:
                 self.host.drop_ref(ids[::-1])
         self.host.drop_ref(present[::-1])
         if content is None or content[0] == prog.epoch:  # not a context the program has since left
-            prog.host_copy = hashes
+            content = content or (prog.epoch, prog.ids, prog.ids_extent)
+            self._host_copy[prog.program.program_id] = (content, len(hashes))
+
+    def _sent_to_host(self, prog: _Prog, hashes: list[int]) -> int:
+        """Leading blocks of ``hashes`` that this engine's host tier was last
+        asked to hold for the program (none past a rewritten history)."""
+        record = self._host_copy.get(prog.program.program_id)
+        if record is None:
+            return 0
+        content, blocks = record
+        sent = self._hashes(prog, 0, min(blocks, len(hashes)), content)
+        return next((i for i, (mine, copied) in enumerate(zip(hashes, sent)) if mine != copied), len(sent))
 
     # ---- arrivals -------------------------------------------------------------------
     def _arrive(self, pi: int, ti: int) -> None:
@@ -421,12 +434,8 @@ class Simulator:
             prev_blocks = min(prog.context - 1, req.prompt) // bs
             if req.turn > 0:
                 self.c["reprefill"] += max(0, prev_blocks - len(hit) - host_hit) * bs
-                copied = 0  # blocks of this prompt the host tier was given (a rewritten history is not)
-                for mine, sent in zip(hashes, prog.host_copy):
-                    if mine != sent:
-                        break
-                    copied += 1
-                self.c["host_lost"] += max(0, min(copied, prev_blocks) - len(hit) - host_hit) * bs
+                self.c["host_lost"] += max(0, min(self._sent_to_host(prog, hashes), prev_blocks)
+                                           - len(hit) - host_hit) * bs
             # Its own references first, then the kit hands the lease over. A
             # host reload does not count as a device hit: the program lost its
             # pin's priority and queued like new work.
@@ -496,6 +505,7 @@ class Simulator:
             self.dispatch(self.now + turn.tool_duration_s, prog.program.program_id, req.turn + 1)
         else:
             prog.finished_at = self.now
+            self._host_copy.pop(prog.program.program_id, None)
         self.pool.drop_ref(req.blocks[::-1])
         req.blocks = []
         req.done = True

@@ -243,8 +243,8 @@ def format_tables(report: dict) -> str:
     if full:
         worst = max(full, key=lambda r: r["host_lost_rate"])
         names = ", ".join(dict.fromkeys(r["policy"] for r in full))
-        lines.append(f"The {cfg['host_tier_gb']:g} GB host tier was too small for {names}: it evicted contexts "
-                     f"before their next turn came back, which re-prefilled them ({worst['policy']} at "
+        lines.append(f"The {cfg['host_tier_gb']:g} GB host tier was too small for {names}: it could not keep "
+                     f"contexts until their next turn came back, which re-prefilled them ({worst['policy']} at "
                      f"{load_text(worst['jps'])}: {worst['host_lost_rate']:.1%} "
                      "of its prompt tokens). The ranking then depends on the tier's size: --host-gb sets it.")
         lines.append("")
