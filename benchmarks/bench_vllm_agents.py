@@ -298,6 +298,8 @@ def main(argv=None):
     ap.add_argument("--program-fcfs", type=int, choices=[0, 1], default=1,
                     help="kvttl side: also order vLLM's queue by program (--scheduler-cls); 0: connector only")
     args = ap.parse_args(argv)
+    if args.ceiling_blocks and not args.mode and args.ceiling_blocks <= args.blocks:
+        ap.error(f"--ceiling-blocks must be 0 (none) or more than --blocks ({args.blocks}), got {args.ceiling_blocks}")
     if args.mode:  # a child: one engine, print one JSON line
         print("RESULT " + json.dumps(run_mode(args)), flush=True)
         return None
@@ -339,7 +341,9 @@ def ceiling(stock: dict, roomy: dict, blocks: int) -> dict:
     caching would give, at no cost in memory and with the queue unchanged."""
     unit = {"stock": stock["prefill_s"] or 1.0, "roomy": roomy["prefill_s"] or 1.0}
     return {
-        "blocks": blocks, "stock_mean_jct_s": roomy["mean_jct_s"], "prefill_s": roomy["prefill_s"],
+        "blocks": blocks, "mean_jct_s": roomy["mean_jct_s"],
+        # its P, and again after its agent runs (far apart: the machine's speed moved)
+        "prefill_s": roomy["prefill_s"], "prefill_after_s": roomy["prefill_after_s"],
         # above 0, the pool was not large enough for this to be a ceiling
         "returning_turns_lost": roomy["returning_turns_lost"],
         "ceiling_jct_speedup": (stock["mean_jct_s"] / unit["stock"]) / (roomy["mean_jct_s"] / unit["roomy"]),
