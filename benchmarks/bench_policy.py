@@ -74,7 +74,7 @@ def judge(workload: str, report: dict, candidate: str) -> dict:
         if mine is not None and stock is not None:
             fair.append(mine / stock)
     peer_top = min(_mean(report, p, top) for p in PEERS)
-    mine = _row(report, candidate, top)
+    top_row = _row(report, candidate, top)
     return {
         "workload": workload, "preset": report["config"]["preset"], "loads": loads,
         "mean_jct_s_top": {p: _mean(report, p, top) for p in report["config"]["policies"]},
@@ -87,7 +87,7 @@ def judge(workload: str, report: dict, candidate: str) -> dict:
         "vs_vllm_low": _mean(report, candidate, low) / _mean(report, "vllm", low),  # <= 1.01
         # what reloading from the host tier ahead of each tool's return could save at most, as a share
         # of the candidate's summed JCT at the top load: every second its requests waited for reloads
-        "host_reload_wait_share_top": mine["host_reload_wait_s"] / sum(mine["jct_s"]),
+        "host_reload_wait_share_top": top_row["host_reload_wait_s"] / sum(top_row["jct_s"]),
         "host_lost_rate_top": {p: _row(report, p, top)["host_lost_rate"] for p in report["config"]["policies"]},
     }
 

@@ -98,13 +98,13 @@ def test_concurrent_host_reloads_share_the_link():
     assert result.summary()["host_reload_wait_s"] == result.host_reload_wait_s
 
 
-def _two_programs_one_host_context(first_tool_s: float = 5.0):
+def _two_programs_one_host_context():
     """Program 0 calls a 5 s tool; program 1, a second later, a long one. Their
     first turns do not fit on the device together."""
     def turns(tool_s):
         return (Turn(prompt_tokens=16000, output_tokens=16, tool="t", tool_duration_s=tool_s),
                 Turn(prompt_tokens=16100, output_tokens=16))
-    return [Program(program_id=0, arrival_s=0.0, turns=turns(first_tool_s)),
+    return [Program(program_id=0, arrival_s=0.0, turns=turns(5.0)),
             Program(program_id=1, arrival_s=1.0, turns=turns(100.0))]
 
 

@@ -195,7 +195,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool | str = True) -> dict:
 
 
 #: a policy that re-prefilled this share of its prompt tokens because the host
-#: tier had evicted them is named under the table, with the flag that sizes the tier
+#: tier could not keep them is named under the table, with the flag that sizes the tier
 HOST_LOST_NOTED = 0.01
 
 
