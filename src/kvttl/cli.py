@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     sim.add_argument("--programs", type=int, default=60, help="programs per run (default 60)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--host-gb", type=float, default=256.0,
-                     help="pinned host DRAM for KV, used by offloading policies (default 256; 0 for none)")
+                     help="pinned host DRAM for KV per engine (each replica has its own), used by offloading "
+                          "policies (default 256; 0 for none); the output says when it was too small")
     sim.add_argument("--gpu-blocks", type=int, help="override the GPU block count the preset allows")
     sim.add_argument("--workers", type=int, default=0, help="processes (default: min(2, cores))")
     sim.add_argument("--replicas", type=int, default=1,
