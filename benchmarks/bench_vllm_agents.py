@@ -27,10 +27,13 @@ the JCT the result reports what the workload did: the share of returning
 turns that lost context under stock (the pressure created: with none there
 is nothing to gain), the latency of the background requests (traffic
 without a program id) under each, and kvttl's leases granted and the share
-of them that were hit. With --ceiling-blocks N a third process runs stock on an
-N-block pool, large enough that no context is lost: the most that keeping
-contexts can give this workload, without reordering its queue
-(``ceiling_jct_speedup``, in units of P like the rest).
+of them that were hit. With --ceiling-blocks N two more processes run on an
+N-block pool, large enough that no context is lost: stock, the most that
+keeping contexts can give this workload without reordering its queue
+(``ceiling_jct_speedup``, in units of P like the rest), and the first
+--policy, what keeping every context gives with that policy's queue order
+too (``policy_jct_speedup``): a bound on that policy at --blocks without a
+host tier.
 """
 
 from __future__ import annotations
@@ -287,8 +290,8 @@ def main(argv=None):
                     help="kvttl side: the kit's max_queue_jump_prefills (negative: unbounded, Continuum's order)")
     ap.add_argument("--blocks", type=int, default=40)
     ap.add_argument("--ceiling-blocks", type=int, default=0,
-                    help="also run stock on a pool this large (no context lost): the most keeping contexts can "
-                         "give (0: don't)")
+                    help="also run stock and the first --policy on a pool this large (no context lost): the most "
+                         "keeping contexts can give, without and with the policy's queue order (0: don't)")
     ap.add_argument("--single-batch", type=int, default=16)
     ap.add_argument("--single-tokens", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
@@ -322,11 +325,12 @@ def main(argv=None):
         policies = [p.strip() for p in args.policy.split(",") if p.strip()]
         stock = child("stock", policies[0])
         sides = {policy: child("kvttl", policy) for policy in policies}
-        roomy = child("stock", policies[0], f"--blocks={args.ceiling_blocks}") if args.ceiling_blocks else None
+        if args.ceiling_blocks:
+            roomy = {mode: child(mode, policies[0], f"--blocks={args.ceiling_blocks}") for mode in ("stock", "kvttl")}
     by_policy = {policy: compare(stock, side, args) for policy, side in sides.items()}
     result = by_policy[policies[0]] | {"policy": policies[0]}
-    if roomy is not None:
-        result["ceiling"] = ceiling(stock, roomy, args.ceiling_blocks)
+    if args.ceiling_blocks:
+        result["ceiling"] = ceiling(stock, roomy, args.ceiling_blocks, policies[0])
     if len(policies) > 1:
         result["by_policy"] = by_policy
     print(json.dumps(result, indent=2))
@@ -336,19 +340,32 @@ def main(argv=None):
     return result
 
 
-def ceiling(stock: dict, roomy: dict, blocks: int) -> dict:
-    """Stock on a pool where nothing is lost, against stock: what perfect
-    caching would give, at no cost in memory and with the queue unchanged."""
-    unit = {"stock": stock["prefill_s"] or 1.0, "roomy": roomy["prefill_s"] or 1.0}
+def ceiling(stock: dict, roomy: dict, blocks: int, policy: str) -> dict:
+    """Stock and ``policy`` on a pool where nothing is lost, against stock on
+    the real pool: what perfect caching would give at no cost in memory, with
+    the queue unchanged and with the policy's order."""
+    def in_p(side):
+        return side["mean_jct_s"] / (side["prefill_s"] or 1.0)
+
+    roomy_stock, roomy_policy = roomy["stock"], roomy["kvttl"]
     return {
-        "blocks": blocks, "mean_jct_s": roomy["mean_jct_s"],
+        "blocks": blocks, "mean_jct_s": roomy_stock["mean_jct_s"],
         # its P, and again after its agent runs (far apart: the machine's speed moved)
-        "prefill_s": roomy["prefill_s"], "prefill_after_s": roomy["prefill_after_s"],
+        "prefill_s": roomy_stock["prefill_s"], "prefill_after_s": roomy_stock["prefill_after_s"],
         # above 0, the pool was not large enough for this to be a ceiling
-        "returning_turns_lost": roomy["returning_turns_lost"],
-        "ceiling_jct_speedup": (stock["mean_jct_s"] / unit["stock"]) / (roomy["mean_jct_s"] / unit["roomy"]),
-        "ceiling_jct_speedup_raw_seconds": stock["mean_jct_s"] / roomy["mean_jct_s"],
-        "background_mean_s": roomy["background_mean_s"],
+        "returning_turns_lost": roomy_stock["returning_turns_lost"],
+        "ceiling_jct_speedup": in_p(stock) / in_p(roomy_stock),
+        "ceiling_jct_speedup_raw_seconds": stock["mean_jct_s"] / roomy_stock["mean_jct_s"],
+        "background_mean_s": roomy_stock["background_mean_s"],
+        # the policy's side on the same roomy pool: nothing lost, its queue order kept
+        "policy": policy, "policy_mean_jct_s": roomy_policy["mean_jct_s"],
+        "policy_prefill_s": roomy_policy["prefill_s"], "policy_prefill_after_s": roomy_policy["prefill_after_s"],
+        "policy_returning_turns_lost": roomy_policy["returning_turns_lost"],
+        "policy_jct_speedup": in_p(stock) / in_p(roomy_policy),
+        "policy_jct_speedup_raw_seconds": stock["mean_jct_s"] / roomy_policy["mean_jct_s"],
+        "policy_background_latency_ratio": (roomy_policy["background_mean_s"] / (roomy_policy["prefill_s"] or 1.0))
+        / (stock["background_mean_s"] / (stock["prefill_s"] or 1.0)),
+        "policy_leases_granted": roomy_policy["leases_granted"],
     }
 
 
