@@ -241,6 +241,30 @@ def test_the_policys_aging_and_the_operators_bound_the_tighter_wins():
     assert unbounded.max_queue_jump(unbounded.programs.get("A")) is None  # Continuum's order: unbounded
 
 
+def test_ordinal_arrivals_make_queue_keys_depend_on_the_stamps_order_alone():
+    """SGLang under tensor parallelism: each rank stamps arrivals with its own
+    clock. kvttl's own aging bound and its Gittins-scaled order both turn
+    stamp differences into keys, so two ranks could sort one queue apart;
+    with ordinal_arrivals every bound is off and the order is program FCFS."""
+    def order(ordinal, gap, finished_programs=0):
+        k = EngineKit(Engine(), num_blocks=32, block_size=16, clock=Clock(), ordinal_arrivals=ordinal,
+                      config=KitConfig(policy="kvttl", reload_tokens_per_s=100.0, measure_costs=False,
+                                       max_queue_jump_prefills=None))  # the operator's bound off, as SGLang had it
+        for i in range(finished_programs):  # lengths learned: the Gittins share is no longer 1
+            k.arrived(f"p{i}", hints(f"P{i}", last_turn=True), arrival=0.0)
+            k.finished(f"p{i}", blocks=[], num_tokens=40, free_blocks=20)
+        k.arrived("a1", hints("A"), arrival=1.0)
+        k.finished("a1", blocks=[], num_tokens=40, free_blocks=20)
+        queue = {"plain": k.queue_key(None, 50.0), "A": k.queue_key("A", 50.0 + gap)}
+        return sorted(queue, key=queue.get), k.max_queue_jump(k.programs.get("A"))
+
+    # stamped 20 s apart on one rank and 2 s on another: the policy's own bound (30 prefills, 12 s) splits them
+    assert order(False, 20.0)[0] != order(False, 2.0)[0]
+    for gap in (20.0, 2.0):
+        assert order(True, gap) == (["A", "plain"], None)
+        assert order(True, gap, finished_programs=12)[0] == ["A", "plain"]
+
+
 def test_a_reused_request_key_ends_the_old_turn():
     k, _, _ = kit()
     k.arrived("x", hints("A"))

@@ -325,11 +325,11 @@ class KvttlRadixCache(UnifiedRadixCache):
         if self.kvttl_config.tenant_field is not None:
             raise BadArgumentError("kvttl config: tenant_field is for vLLM; on SGLang a gateway sets the tenant in "
                                    "the request's extra_key (or cache_salt), which already scopes program ids")
-        if self.tp_world_size > 1 or self.pp_size > 1:
-            # Queue keys compare each rank's own entry stamps; "arrival - jump" against another request's
-            # stamp could order differently on two ranks, and the ranks must schedule alike.
+        # Queue keys compare each rank's own entry stamps; "arrival - jump" against another request's
+        # stamp could order differently on two ranks, and the ranks must schedule alike.
+        ordinal_arrivals = self.tp_world_size > 1 or self.pp_size > 1
+        if ordinal_arrivals:
             logger.info("kvttl: queue jumps are not bounded under tensor/pipeline parallelism (rank clocks)")
-            self.kvttl_config = attrs.evolve(self.kvttl_config, max_queue_jump_s=None, max_queue_jump_prefills=None)
         self._clock = clock or time.time
         allocator = self.token_to_kv_pool_allocator
         self._page = max(1, int(self.page_size))
@@ -344,7 +344,8 @@ class KvttlRadixCache(UnifiedRadixCache):
             self.host = _HostTier(self, host_tier_slots(host_config, page_bytes, source=CONFIG_ENV), layers)
         self.kit = EngineKit(_Hooks(self), num_blocks=num_pages, block_size=self._page, config=self.kvttl_config,
                              clock=self._now, has_host_tier=self.host is not None, chunk_tokens=_chunk_tokens(),
-                             kv_bytes_per_token=self.host.copier.slot_bytes / self._page if self.host else 0.0)
+                             kv_bytes_per_token=self.host.copier.slot_bytes / self._page if self.host else 0.0,
+                             ordinal_arrivals=ordinal_arrivals)
         collector = getattr(self, "metrics_collector", None)  # SGLang's own, with --enable-metrics
         self._metrics = KvttlMetrics(collector.labels) if collector is not None else None
         # request id -> request, for hinted requests not yet seen holding their lock

@@ -29,12 +29,15 @@ import math
 import time
 from typing import Callable, Hashable, NamedTuple, Protocol
 
+import attrs
+
 import kvttl
 from kvttl.errors import BadArgumentError
 from kvttl.kit.config import KitConfig
 from kvttl.kit.costs import HostCosts, StepCosts
 from kvttl.kit.programs import Program, ProgramTable
-from kvttl.policy import QueueEntry, ReloadModel, SchedulingPolicy, TurnContext, TurnHints, get_policy, program_key
+from kvttl.policy import (GittinsOrder, QueueEntry, ReloadModel, SchedulingPolicy, TurnContext, TurnHints, get_policy,
+                          program_fcfs, program_key)
 
 __all__ = ["EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS", "hint_report"]
 
@@ -177,13 +180,20 @@ class EngineKit:
     reports its steps (:meth:`observe_step`; ``chunk_tokens`` is the most it
     prefills in one) and host copies (:meth:`observe_host_copy`, with
     ``kv_bytes_per_token``), starting from ``config.reload_tokens_per_s``.
+
+    ``ordinal_arrivals``: the engine's arrival stamps may be compared only
+    by their order, not by the time between them -- several ranks each
+    stamp with their own clock and must schedule alike (SGLang under tensor
+    or pipeline parallelism). Every queue-jump bound is then off, the
+    operator's and the policy's, and kvttl's aging order falls back to
+    program FCFS, so that a queue key depends on the stamps' order alone.
     """
 
     def __init__(self, hooks: EngineHooks, *, num_blocks: int, block_size: int, config: KitConfig | None = None,
                  policy: SchedulingPolicy | None = None, pool: kvttl.BlockPool | None = None,
                  clock: Callable[[], float] = time.monotonic, has_host_tier: bool = False,
                  reload: ReloadModel | None = None, chunk_tokens: int | None = None,
-                 kv_bytes_per_token: float = 0.0):
+                 kv_bytes_per_token: float = 0.0, ordinal_arrivals: bool = False):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise BadArgumentError(f"EngineKit: block_size must be a positive int, got {block_size!r}")
         self.config = config or KitConfig()
@@ -197,6 +207,10 @@ class EngineKit:
         self.reload = reload or ReloadModel(b=1.0 / self.config.reload_tokens_per_s)
         self._costs_seen = 0  # observations already folded into self.reload
         self.policy = policy or get_policy(self.config.policy, capacity_blocks=num_blocks, reload=self.reload)
+        if ordinal_arrivals:
+            self.config = attrs.evolve(self.config, max_queue_jump_s=None, max_queue_jump_prefills=None)
+            order = program_fcfs if isinstance(self.policy.queue_order, GittinsOrder) else self.policy.queue_order
+            self.policy = attrs.evolve(self.policy, queue_order=order, max_queue_jump_prefills=None)
         for tool, mean_s in self.config.tool_priors_s:
             self.policy.ttl.set_prior(tool, mean_s)
         if pool is not None:

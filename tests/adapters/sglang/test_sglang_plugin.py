@@ -91,6 +91,51 @@ def test_expiry_is_identical_on_every_tp_rank_when_ranks_run_apart():
     assert results[0][2] == (0, 1)  # both expired it at the call where rank 1 was past the deadline
 
 
+def _tp_order_rank(rank, world, port, gaps, results):
+    import torch.distributed as dist
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from kvttl_sglang import plugin
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    plugin.register()
+    HookRegistry.apply_hooks()
+    clock = FakeClock()
+    # kvttl's own aging bound, 30 re-prefills, is about 1 s for this 34-token context at 1000 tokens/s
+    cache = make_cache(tokens=128, clock=clock, tp_group=dist.group.WORLD,
+                       config={"policy": "kvttl", "reload_tokens_per_s": 1000.0})
+    run_turn(cache, tokens(1, 30), 4, program_id="A", ttl="0s")  # A's first turn: not pinned
+    plain = Turn(cache, tokens(2, 10), 2, entered=1050.0).arrive()
+    # A's next turn entered after the plain request on both ranks, but the ranks' clocks spaced the two
+    # stamps differently (2 s and 0.5 s apart): the same arrival order, other numbers
+    returning = Turn(cache, tokens(1, 34) + tokens(3, 5), 2, hints=make_kv_hints("A"),
+                     entered=1050.0 + gaps[rank]).arrive()
+    queue = [plain.req, returning.req]
+    SchedulePolicy("fcfs", cache, False, False, False).calc_priority(queue)
+    results[rank] = ["A" if req is returning.req else None for req in queue]
+    dist.destroy_process_group()
+
+
+def test_tp_ranks_order_the_queue_alike_under_kvttls_own_aging_bound():
+    """The operator's queue-jump bounds were off under tensor parallelism
+    (each rank stamps arrivals with its own clock), but the kvttl policy's
+    own bound still placed a turn at "its arrival - 30 re-prefills": with
+    stamps 2 s apart on one rank and 0.5 s on the other, rank 0 served the
+    plain request first and rank 1 the agent's turn, and SGLang's ranks must
+    schedule alike. Under TP every bound is off: program order, as Continuum."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_tp_order_rank, args=(2, port, (2.0, 0.5), results), nprocs=2, join=True)
+    assert results[0] == results[1] == ["A", None], (results[0], results[1])
+
+
 def test_the_lease_report_is_one_value_per_request_in_sglangs_output():
     """Without the hook SGLang slices customized_info per output token, and
     the one-element report would be cut away from all but the first token."""
