@@ -396,6 +396,21 @@ def test_turn_hints_parse_and_validate():
             parse_turn_hints(bad)
 
 
+def test_a_tool_name_with_control_characters_is_ignored_with_a_warning():
+    """The README promises tool names without control characters (they end up
+    in logs, metrics labels and the estimator's keys); a hint with one was taken
+    as is, as was a name read from the output or an operator's prior."""
+    h = parse_turn_hints({"program_id": "A", "tool": "ba\x1bsh\n"})
+    assert h.tool == "" and len(h.warnings) == 1 and "control characters" in h.warnings[0]
+    assert parse_turn_hints({"program_id": "A", "tool": "bash:ls"}).tool == "bash:ls"
+    assert tool_from_output('<tool_call>{"name": "se\x1barch", "arguments": {}}</tool_call>') == ""
+    assert tool_from_output("```bash\nl\x07s -la\n```") == ""
+    from kvttl.kit import load_config
+
+    with pytest.raises(BadArgumentError, match="tool_priors_s"):
+        load_config({"tool_priors_s": {"ba\tsh": 1.0}})
+
+
 @pytest.mark.parametrize("text, tool", [
     ("THOUGHT: run the tests\n```bash\ncd /repo && FOO=1 python -m pytest -q\n```", "bash:cd"),
     ("```bash\n# look around first\nls -la\n```", "bash:ls"),

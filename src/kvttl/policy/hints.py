@@ -116,7 +116,8 @@ class TurnHints:
         return self.quota or self.tenant
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: what no program id or tool name may hold: they reach logs, metric labels and the estimator's keys
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _utf8_len(text: str) -> float:
@@ -155,7 +156,7 @@ def parse_turn_hints(payload: Mapping | None, *, tenant: str = "", quota: str = 
     if isinstance(program, str) and _utf8_len(program) > MAX_PROGRAM_ID_BYTES:
         raise BadArgumentError(f"program_id must be valid UTF-8 of at most {MAX_PROGRAM_ID_BYTES} bytes, "
                                f"got {program[:32]!r}... ({len(program)} characters)")
-    if isinstance(program, str) and _CONTROL.search(program):
+    if isinstance(program, str) and CONTROL_CHARACTERS.search(program):
         raise BadArgumentError(f"program_id must not hold control characters, got {program[:32]!r}")
     warnings = []
     ttl = None
@@ -170,6 +171,9 @@ def parse_turn_hints(payload: Mapping | None, *, tenant: str = "", quota: str = 
         tool = None
     elif tool is not None and _utf8_len(tool) > MAX_TOOL_BYTES:
         warnings.append(f"tool ignored: must be valid UTF-8 of at most {MAX_TOOL_BYTES} bytes")
+        tool = None
+    elif tool is not None and CONTROL_CHARACTERS.search(tool):
+        warnings.append(f"tool ignored: must not hold control characters, got {tool[:32]!r}")
         tool = None
     return TurnHints(program_id=program, tool=tool or "", last_turn=_truthy(payload.get("last_turn", False)),
                      ttl_s=ttl, warnings=tuple(warnings), tenant=str(tenant) if tenant else "",
@@ -189,9 +193,13 @@ def tool_from_output(text: str) -> str:
     - an OpenAI-style tool call (``{"name": "search", "arguments": ...}``, as
       models emit it inside ``<tool_call>`` tags or as JSON): its name.
     Two or more bash blocks are ambiguous (mini-swe-agent rejects them too): "".
+    So is a name with control characters.
     """
-    if not isinstance(text, str) or not text:
-        return ""
+    name = _tool_named_in(text) if isinstance(text, str) and text else ""
+    return "" if CONTROL_CHARACTERS.search(name) else name  # names reach logs and metric labels
+
+
+def _tool_named_in(text: str) -> str:
     blocks = _BASH_BLOCK.findall(text)
     if len(blocks) == 1:
         for line in blocks[0].splitlines():
