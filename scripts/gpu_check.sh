@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU and no network (about 3 minutes):
-# build in place with CUDA required (Hopper only, to build fast), run the swap
+# build in place with CUDA required (Hopper only, to build fast; another GPU:
+# KVTTL_CUDA_ARCHITECTURES=80 for an A100, "native" for the one present), run the swap
 # tests (the gpu-marked ones against the CPU backend as the oracle), the kernel
 # round trip under compute-sanitizer memcheck when it is present, then the swap
 # benchmark (with its max_ctas sweep) and the prefill benchmark against the
@@ -19,7 +20,7 @@ step() { echo "== $* ($(date +%T))"; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
   step build
-  KVTTL_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" \
+  KVTTL_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${KVTTL_CUDA_ARCHITECTURES:-90}" \
     $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
   $PY -c "import kvttl; print(kvttl.build_info(), kvttl.cuda_probe())" || exit 1
   step tests

@@ -4,6 +4,7 @@ Layers, bottom up (none imports a layer above it):
 
 - ``kvttl.core``   BlockPool and LeaseTable (native, C++)
 - ``kvttl.policy`` TTL policies, duration estimation, queue and revocation orders
+- ``kvttl.kit``    the engine kit: one turn lifecycle that every integration drives
 - ``kvttl.swap``   pinned host tier and block transfers
 - ``kvttl.sim``    the embedded engine simulator (``kvttl simulate``)
 - adapters for vLLM and SGLang, imported only by those engines

@@ -39,8 +39,10 @@ RevokeResult = _core.RevokeResult
 Owner = Union[str, int]
 Ids = Union[Sequence[int], "numpy.ndarray"]  # noqa: F821  (any 1-D integer array)
 
-#: Built-in revocation orders, evaluated natively. ``latest_granted`` is
-#: Continuum's: under pressure, unpin the most recently arrived program first.
+#: Built-in revocation orders, evaluated natively. ``latest_granted``: under
+#: pressure, unpin the newest lease first (Continuum unpins the latest-arriving
+#: *program* first: a key function, ``kvttl.policy.latest_program_first``,
+#: over leases granted ``priority=`` their program's first arrival).
 REVOKE_ORDERS = ("latest_granted", "earliest_deadline", "lowest_priority", "most_blocks")
 
 

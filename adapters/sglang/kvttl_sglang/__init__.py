@@ -1,6 +1,6 @@
 """kvttl for SGLang (0.5.23): TTL leases in the unified radix cache.
 
-    KVTTL_SGLANG_CONFIG='{"ttl_policy": "continuum"}' \
+    KVTTL_SGLANG_CONFIG='{"policy": "continuum"}' \
       python -m sglang.launch_server --model-path MODEL --radix-cache-backend kvttl
 
 Importing this package does not import SGLang; :mod:`kvttl_sglang.plugin`

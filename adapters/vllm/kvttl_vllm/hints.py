@@ -2,7 +2,8 @@
 
 A request names its program in any of these (the first found wins):
 
-1. vLLM's own ``kv_hints`` envelope (``LLM.generate(..., kv_hints=...)``,
+1. vLLM's own ``kv_hints`` envelope (``LLMEngine.add_request(..., kv_hints=...)``
+   or ``AsyncLLM.generate(..., kv_hints=...)``; ``LLM.generate`` has none in 0.32;
    ``vllm.v1.kv_hints.KvHintsEnvelope``): an action of type ``kvttl.turn``,
    the format SGLang takes too (``kvttl.kit.make_kv_hints`` builds it);
 2. ``kv_transfer_params["kvttl"]`` (the OpenAI request field, or

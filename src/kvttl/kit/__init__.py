@@ -9,7 +9,7 @@ engine of your own (see ``examples/``).
 - ``read_hints`` / ``make_kv_hints``  the client's turn hints, one format everywhere
 - ``DeadlineWaker``  wakes an idle engine when a lease is due
 - ``HostIndex`` / ``page_hashes`` / ``host_tier_slots``  the index half of a
-  host tier (the copying half is ``kvttl.swap.HostCopier``)
+  host tier (the copying half is ``kvttl.swap.copier.HostCopier``)
 
 It sits above ``kvttl.core`` and ``kvttl.policy`` and below everything that
 touches an engine; it imports neither torch nor an engine.

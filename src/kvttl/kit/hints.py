@@ -31,7 +31,7 @@ def make_kv_hints(program_id: str | int, *, tool: str | None = None, last_turn: 
                   ttl: str | float | None = None) -> dict:
     """The ``kv_hints`` envelope for one turn of a program, as a plain dict
     (SGLang's ``/generate`` field and ``Engine.generate(kv_hints=...)``;
-    vLLM's ``generate(..., kv_hints=...)``)::
+    vLLM's ``LLMEngine.add_request`` and ``AsyncLLM.generate(..., kv_hints=...)``)::
 
         engine.generate(prompt, sampling_params, kv_hints=make_kv_hints("agent-7", tool="bash"))
     """

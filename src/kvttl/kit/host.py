@@ -2,7 +2,7 @@
 
 Every engine's host tier has two halves that share nothing but slot ids:
 the index (here), which decides which device block goes to which slot and
-which slot comes back into which block, and the copier (``kvttl.swap.HostCopier``),
+which slot comes back into which block, and the copier (``kvttl.swap.copier.HostCopier``),
 which owns the host memory and moves the bytes. The index is engine-neutral:
 a block's content is named by a hash of its tokens and everything before
 them -- vLLM's own block hashes, or :func:`page_hashes` for an engine that

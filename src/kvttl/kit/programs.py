@@ -14,8 +14,8 @@ class Program:
     ``program_id`` is the program's key (``TurnHints.key``: the client's id
     within its tenant). ``first_arrival`` is on the engine's queue clock (what
     the engine stamps its requests with), so program-FCFS keys compare with
-    request keys; it moves later by every dormant stretch (see
-    ``EngineKit.arrived``). Every duration is on the kit's clock. ``pin`` is the engine's handle for the
+    request keys; after a dormant stretch (a gap longer than ``max_ttl_s``)
+    it is re-based to the new request's arrival (see ``EngineKit.arrived``). Every duration is on the kit's clock. ``pin`` is the engine's handle for the
     program's live lease (what ``EngineHooks.pin`` returned), None without one.
     """
 

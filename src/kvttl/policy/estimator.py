@@ -118,7 +118,8 @@ class ToolDurationEstimator:
         """An operator's expectation: ``tool`` takes about ``mean_s`` seconds
         (an exponential prior of that mean), used until the tool has
         ``min_samples`` returns of its own. ``tool`` "*" replaces the prior of
-        every tool without one of its own."""
+        every tool without one of its own, which holds until ``min_samples``
+        returns of all tools together (then their CDF is the estimate)."""
         if not (isinstance(mean_s, (int, float)) and mean_s > 0 and math.isfinite(mean_s)):
             raise BadArgumentError(f"the prior of tool {tool!r} must be a positive number of seconds, got {mean_s!r}")
         if tool == "*":

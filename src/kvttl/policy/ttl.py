@@ -13,6 +13,7 @@ string:
                                 reports first tokens); ``evicted``: its previous context was
                                 (partly) gone
 - ``on_program_finished(n)``    a program ended after ``n`` turns
+- ``on_lease_ended(reason)``    a lease it granted was released, expired or revoked
 """
 
 from __future__ import annotations
