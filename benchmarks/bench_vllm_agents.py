@@ -34,6 +34,12 @@ keeping contexts can give this workload without reordering its queue
 --policy, what keeping every context gives with that policy's queue order
 too (``policy_jct_speedup``): a bound on that policy at --blocks without a
 host tier.
+
+Two processes one after the other differ in speed by up to a fifth here,
+whatever they run (an A/A side, ``--policy vllm``, has read 0.79x and
+1.00x). ``--rounds N`` runs every process N times, every other round in
+reverse order, and reports each round's ratios and their median
+(``over_rounds``); the top level stays the first round's.
 """
 
 from __future__ import annotations
@@ -295,6 +301,9 @@ def main(argv=None):
     ap.add_argument("--single-batch", type=int, default=16)
     ap.add_argument("--single-tokens", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every process this many times, alternating their order, and report the median of "
+                         "each round's ratios (over_rounds): processes run a fifth apart in speed here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--host-tier-blocks", type=int, default=0,
                     help="kvttl side: host slots that unpinned leases are copied to and reloaded from (0: none)")
@@ -303,6 +312,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.ceiling_blocks and not args.mode and args.ceiling_blocks <= args.blocks:
         ap.error(f"--ceiling-blocks must be 0 (none) or more than --blocks ({args.blocks}), got {args.ceiling_blocks}")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.mode:  # a child: one engine, print one JSON line
         print("RESULT " + json.dumps(run_mode(args)), flush=True)
         return None
@@ -312,7 +323,7 @@ def main(argv=None):
 
         def child(mode, policy, *extra):
             forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                         if k not in ("json", "mode", "model", "policy")]
+                         if k not in ("json", "mode", "model", "policy", "rounds")]
             cmd = [sys.executable, __file__, "--mode", mode, "--model", model, f"--policy={policy}", *forwarded,
                    *extra]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -323,20 +334,64 @@ def main(argv=None):
             return json.loads(line[len("RESULT "):])
 
         policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-        stock = child("stock", policies[0])
-        sides = {policy: child("kvttl", policy) for policy in policies}
+        runs = [("stock", policies[0], ()), *[("kvttl", policy, ()) for policy in policies]]
         if args.ceiling_blocks:
-            roomy = {mode: child(mode, policies[0], f"--blocks={args.ceiling_blocks}") for mode in ("stock", "kvttl")}
-    by_policy = {policy: compare(stock, side, args) for policy, side in sides.items()}
+            runs += [(mode, policies[0], (f"--blocks={args.ceiling_blocks}",)) for mode in ("stock", "kvttl")]
+        rounds = []
+        for number in range(args.rounds):
+            # every other round in reverse: a process's place in the sequence moves its speed here
+            order = runs if number % 2 == 0 else runs[::-1]
+            if args.rounds > 1:
+                print(f"round {number + 1}/{args.rounds}", file=sys.stderr, flush=True)
+            rounds.append({run: child(run[0], run[1], *run[2]) for run in order})
+
+    def judge(outs: dict) -> dict:
+        stock = outs[runs[0]]
+        judged = {"by_policy": {policy: compare(stock, outs[("kvttl", policy, ())], args) for policy in policies}}
+        if args.ceiling_blocks:
+            judged["ceiling"] = ceiling(stock, {run[0]: outs[run] for run in runs[-2:]}, args.ceiling_blocks,
+                                        policies[0])
+        return judged
+
+    judged = [judge(outs) for outs in rounds]
+    by_policy = judged[0]["by_policy"]
     result = by_policy[policies[0]] | {"policy": policies[0]}
     if args.ceiling_blocks:
-        result["ceiling"] = ceiling(stock, roomy, args.ceiling_blocks, policies[0])
+        result["ceiling"] = judged[0]["ceiling"]
     if len(policies) > 1:
         result["by_policy"] = by_policy
+    if args.rounds > 1:
+        result["over_rounds"] = over_rounds(judged)
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    return result
+
+
+#: the ratios that --rounds reports per round and as their median
+ROUND_KEYS = ("jct_speedup", "jct_speedup_raw_seconds", "background_latency_ratio", "leases_granted",
+              "lease_hit_share")
+CEILING_ROUND_KEYS = ("ceiling_jct_speedup", "ceiling_jct_speedup_raw_seconds", "policy_jct_speedup",
+                      "policy_jct_speedup_raw_seconds", "policy_background_latency_ratio")
+
+
+def over_rounds(judged: list[dict]) -> dict:
+    """Each round's ratios, and their median (the first round's details are
+    the top level of the result)."""
+    def summary(rows: list[dict], keys) -> dict:
+        out = {}
+        for key in keys:
+            values = [row[key] for row in rows]
+            out[key] = values
+            known = [v for v in values if v is not None]
+            out[f"{key}_median"] = statistics.median(known) if known else None
+        return out
+
+    result = {"rounds": len(judged), "by_policy": {
+        policy: summary([j["by_policy"][policy] for j in judged], ROUND_KEYS) for policy in judged[0]["by_policy"]}}
+    if "ceiling" in judged[0]:
+        result["ceiling"] = summary([j["ceiling"] for j in judged], CEILING_ROUND_KEYS)
     return result
 
 
