@@ -371,7 +371,7 @@ def main(argv=None):
 
 #: the ratios that --rounds reports per round and as their median
 ROUND_KEYS = ("jct_speedup", "jct_speedup_raw_seconds", "background_latency_ratio", "leases_granted",
-              "lease_hit_share")
+              "lease_hit_share", "single_turn_throughput_ratio", "normal_path_hook_share")
 CEILING_ROUND_KEYS = ("ceiling_jct_speedup", "ceiling_jct_speedup_raw_seconds", "policy_jct_speedup",
                       "policy_jct_speedup_raw_seconds", "policy_background_latency_ratio")
 
