@@ -28,12 +28,13 @@ turns that lost context under stock (the pressure created: with none there
 is nothing to gain), the latency of the background requests (traffic
 without a program id) under each, and kvttl's leases granted and the share
 of them that were hit. With --ceiling-blocks N two more processes run on an
-N-block pool, large enough that no context is lost: stock, the most that
-keeping contexts can give this workload without reordering its queue
-(``ceiling_jct_speedup``, in units of P like the rest), and the first
---policy, what keeping every context gives with that policy's queue order
-too (``policy_jct_speedup``): a bound on that policy at --blocks without a
-host tier.
+N-block pool, large enough that no context is lost: stock, what keeping
+every context gives without reordering the queue (``ceiling_jct_speedup``,
+in units of P like the rest), and the first --policy, the same with that
+policy's queue order (``policy_jct_speedup``). Not a strict ceiling: the
+larger pool also lets vLLM admit more requests at once, which changes every
+step on a small machine (a host tier on the small pool, where every context
+comes back by memcpy, has measured more).
 
 Two processes one after the other differ in speed by up to a fifth here,
 whatever they run (an A/A side, ``--policy vllm``, has read 0.79x and
@@ -296,8 +297,8 @@ def main(argv=None):
                     help="kvttl side: the kit's max_queue_jump_prefills (negative: unbounded, Continuum's order)")
     ap.add_argument("--blocks", type=int, default=40)
     ap.add_argument("--ceiling-blocks", type=int, default=0,
-                    help="also run stock and the first --policy on a pool this large (no context lost): the most "
-                         "keeping contexts can give, without and with the policy's queue order (0: don't)")
+                    help="also run stock and the first --policy on a pool this large (no context lost): what "
+                         "keeping every context gives, without and with the policy's queue order (0: don't)")
     ap.add_argument("--single-batch", type=int, default=16)
     ap.add_argument("--single-tokens", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
