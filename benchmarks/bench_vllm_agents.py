@@ -398,8 +398,9 @@ def over_rounds(judged: list[dict]) -> dict:
 
 def ceiling(stock: dict, roomy: dict, blocks: int, policy: str) -> dict:
     """Stock and ``policy`` on a pool where nothing is lost, against stock on
-    the real pool: what perfect caching would give at no cost in memory, with
-    the queue unchanged and with the policy's order."""
+    the real pool: keeping every context at no cost in memory, with the queue
+    unchanged and with the policy's order (the larger pool also admits more
+    requests at once, so not a strict ceiling: see the module's docstring)."""
     def in_p(side):
         return side["mean_jct_s"] / (side["prefill_s"] or 1.0)
 

@@ -329,7 +329,8 @@ class KvttlRadixCache(UnifiedRadixCache):
         # stamp could order differently on two ranks, and the ranks must schedule alike.
         ordinal_arrivals = self.tp_world_size > 1 or self.pp_size > 1
         if ordinal_arrivals:
-            logger.info("kvttl: queue jumps are not bounded under tensor/pipeline parallelism (rank clocks)")
+            logger.info("kvttl: queue jumps are not bounded under tensor/pipeline parallelism (rank clocks): "
+                        "program FCFS")
         self._clock = clock or time.time
         allocator = self.token_to_kv_pool_allocator
         self._page = max(1, int(self.page_size))

@@ -15,8 +15,9 @@ class Program:
     within its tenant). ``first_arrival`` is on the engine's queue clock (what
     the engine stamps its requests with), so program-FCFS keys compare with
     request keys; after a dormant stretch (a gap longer than ``max_ttl_s``)
-    it is re-based to the new request's arrival (see ``EngineKit.arrived``). Every duration is on the kit's clock. ``pin`` is the engine's handle for the
-    program's live lease (what ``EngineHooks.pin`` returned), None without one.
+    it is re-based to the new request's arrival (see ``EngineKit.arrived``).
+    Every duration is on the kit's clock. ``pin`` is the engine's handle for
+    the program's live lease (what ``EngineHooks.pin`` returned), None without one.
     """
 
     __slots__ = ("program_id", "first_arrival", "num_turns", "finished_at", "tool", "context_tokens",
