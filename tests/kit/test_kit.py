@@ -246,23 +246,37 @@ def test_ordinal_arrivals_make_queue_keys_depend_on_the_stamps_order_alone():
     clock. kvttl's own aging bound and its Gittins-scaled order both turn
     stamp differences into keys, so two ranks could sort one queue apart;
     with ordinal_arrivals every bound is off and the order is program FCFS."""
-    def order(ordinal, gap, finished_programs=0):
+    def order(ordinal, gap, finished_programs=0, **config):
+        config = {"max_queue_jump_prefills": None} | config  # the operator's bound off, as SGLang had it
         k = EngineKit(Engine(), num_blocks=32, block_size=16, clock=Clock(), ordinal_arrivals=ordinal,
-                      config=KitConfig(policy="kvttl", reload_tokens_per_s=100.0, measure_costs=False,
-                                       max_queue_jump_prefills=None))  # the operator's bound off, as SGLang had it
-        for i in range(finished_programs):  # lengths learned: the Gittins share is no longer 1
-            k.arrived(f"p{i}", hints(f"P{i}", last_turn=True), arrival=0.0)
-            k.finished(f"p{i}", blocks=[], num_tokens=40, free_blocks=20)
+                      config=KitConfig(policy="kvttl", reload_tokens_per_s=100.0, measure_costs=False, **config))
+        for i in range(finished_programs):  # every program 2 turns: after one, G(1) = 1 and G(0) = 0.5
+            for turn in (0, 1):
+                k.arrived(f"p{i}.{turn}", hints(f"P{i}", last_turn=turn == 1), arrival=0.0)
+                k.finished(f"p{i}.{turn}", blocks=[], num_tokens=40, free_blocks=20)
         k.arrived("a1", hints("A"), arrival=1.0)
         k.finished("a1", blocks=[], num_tokens=40, free_blocks=20)
         queue = {"plain": k.queue_key(None, 50.0), "A": k.queue_key("A", 50.0 + gap)}
         return sorted(queue, key=queue.get), k.max_queue_jump(k.programs.get("A"))
 
-    # stamped 20 s apart on one rank and 2 s on another: the policy's own bound (30 prefills, 12 s) splits them
+    # stamped 20 s apart on one rank and 2 s on another: the policy's own bound (30 prefills, 12 s) splits
+    # them, and so does the Gittins share (0.5 here) of the time since the bounded arrival
     assert order(False, 20.0)[0] != order(False, 2.0)[0]
+    assert order(False, 20.0, finished_programs=12)[0] != order(False, 2.0, finished_programs=12)[0]
     for gap in (20.0, 2.0):
         assert order(True, gap) == (["A", "plain"], None)
         assert order(True, gap, finished_programs=12)[0] == ["A", "plain"]
+        assert order(True, gap, max_queue_jump_s=1.0) == (["A", "plain"], None)  # the operator's seconds too
+
+
+def test_a_tool_the_lease_table_would_refuse_is_no_tool():
+    """An engine reads the tool from the model's output; a name with a lone
+    surrogate made the lease table's grant raise inside the engine's
+    request-finished hook."""
+    k, _, _ = kit()
+    k.arrived("a1", hints("A"))
+    outcome = finish(k, "a1", tool="x\ud800")
+    assert outcome.granted and outcome.tool == ""
 
 
 def test_a_reused_request_key_ends_the_old_turn():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -405,6 +406,15 @@ def test_a_tool_name_with_control_characters_is_ignored_with_a_warning():
     assert parse_turn_hints({"program_id": "A", "tool": "bash:ls"}).tool == "bash:ls"
     assert tool_from_output('<tool_call>{"name": "se\x1barch", "arguments": {}}</tool_call>') == ""
     assert tool_from_output("```bash\nl\x07s -la\n```") == ""
+    # C1 controls and line separators too; a decoded JSON name with a lone surrogate or over 128 bytes
+    # is no tool (the lease table refuses it: a model's output must not make a grant raise)
+    assert parse_turn_hints({"program_id": "A", "tool": "se\x85arch"}).tool == ""
+    assert parse_turn_hints({"program_id": "A", "tool": "a\u2028b"}).tool == ""
+    with pytest.raises(BadArgumentError, match="control characters"):
+        parse_turn_hints({"program_id": "a\x9b31m"})
+    assert tool_from_output('{"name": "x\\ud800' + "a" * 130 + '", "arguments": {}}') == ""
+    assert tool_from_output(json.dumps({"name": "検索" * 64, "arguments": {}})) == ""
+    assert tool_from_output(json.dumps({"name": "検索", "arguments": {}}, ensure_ascii=False)) == "検索"
     from kvttl.kit import load_config
 
     with pytest.raises(BadArgumentError, match="tool_priors_s"):

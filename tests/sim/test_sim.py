@@ -205,6 +205,7 @@ def test_spec_file_overrides(tmp_path):
     ('mean_turns = 80\n', ["mean_turns <= max_turns"]),
     ('[[tools]]\nname = "x"\n', ["tools"]),
     ('mean_turns = = 3', ["w.toml"]),
+    ('[[tools]]\nname = "ba\\tsh"\nweight = 1\nmedian_s = 1\nsigma = 0.5\n', ["control characters"]),
 ])
 def test_bad_spec_files(tmp_path, content, words):
     path = tmp_path / "w.toml"

@@ -37,7 +37,7 @@ from kvttl.kit.config import KitConfig
 from kvttl.kit.costs import HostCosts, StepCosts
 from kvttl.kit.programs import Program, ProgramTable
 from kvttl.policy import (GittinsOrder, QueueEntry, ReloadModel, SchedulingPolicy, TurnContext, TurnHints, get_policy,
-                          program_fcfs, program_key)
+                          is_tool_name, program_fcfs, program_key)
 
 __all__ = ["EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS", "hint_report"]
 
@@ -187,6 +187,8 @@ class EngineKit:
     or pipeline parallelism). Every queue-jump bound is then off, the
     operator's and the policy's, and kvttl's aging order falls back to
     program FCFS, so that a queue key depends on the stamps' order alone.
+    The built-in orders other than kvttl's already do; a policy's own order
+    must too (it is kept as given).
     """
 
     def __init__(self, hooks: EngineHooks, *, num_blocks: int, block_size: int, config: KitConfig | None = None,
@@ -376,7 +378,8 @@ class EngineKit:
         if now >= self._next_sweep:
             self._next_sweep = now + self._sweep_every
             self.programs.forget_idle(now)
-        tool = hints.tool or tool or ""
+        # (an engine's tool comes from the model's output: one the lease table would refuse is no tool)
+        tool = hints.tool or (tool if tool and is_tool_name(tool) else "")
         if hints.last_turn or aborted:
             if program.pin is not None:
                 self.table.release(program_id)

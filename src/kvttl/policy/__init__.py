@@ -11,7 +11,8 @@ and below.
 """
 
 from kvttl.policy.estimator import DurationCDF, ProgramLengths, SlidingMean, ToolDurationEstimator, TurnCorrelation
-from kvttl.policy.hints import MAX_TTL_S, TurnHints, parse_ttl, parse_turn_hints, program_key, tool_from_output
+from kvttl.policy.hints import (MAX_TTL_S, TurnHints, is_tool_name, parse_ttl, parse_turn_hints, program_key,
+                               tool_from_output)
 from kvttl.policy.order import (
     QUEUE_ORDERS,
     GittinsOrder,
@@ -45,7 +46,7 @@ from kvttl.policy.ttl import (
 
 __all__ = [
     "DurationCDF", "ProgramLengths", "SlidingMean", "ToolDurationEstimator", "TurnCorrelation",
-    "MAX_TTL_S", "TurnHints", "parse_ttl", "parse_turn_hints", "program_key", "tool_from_output",
+    "MAX_TTL_S", "TurnHints", "parse_ttl", "parse_turn_hints", "program_key", "tool_from_output", "is_tool_name",
     "QUEUE_ORDERS", "GittinsOrder", "QueueEntry", "latest_program_first", "least_attained_service",
     "program_fcfs", "request_fcfs",
     "DEFAULT_POLICIES", "OFFLOAD_MODES", "InferCeptTTL", "SchedulingPolicy", "get_policy",

@@ -22,7 +22,7 @@ import attrs
 
 from kvttl.errors import BadArgumentError
 
-__all__ = ["parse_ttl", "MAX_TTL_S", "TurnHints", "parse_turn_hints", "program_key", "tool_from_output"]
+__all__ = ["parse_ttl", "MAX_TTL_S", "TurnHints", "parse_turn_hints", "program_key", "tool_from_output", "is_tool_name"]
 
 #: The longest pin a hint may ask for. Longer asks are refused, not clamped:
 #: a client that asks for a day has a bug worth hearing about.
@@ -117,7 +117,8 @@ class TurnHints:
 
 
 #: what no program id or tool name may hold: they reach logs, metric labels and the estimator's keys
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+#: (C0 and C1 controls, DEL, and the Unicode line and paragraph separators)
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _utf8_len(text: str) -> float:
@@ -126,6 +127,13 @@ def _utf8_len(text: str) -> float:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError:
         return float("inf")
+
+
+def is_tool_name(name) -> bool:
+    """Whether ``name`` may name a tool: a str of valid UTF-8 of at most
+    MAX_TOOL_BYTES bytes without control characters (the lease table refuses
+    anything else)."""
+    return isinstance(name, str) and _utf8_len(name) <= MAX_TOOL_BYTES and not CONTROL_CHARACTERS.search(name)
 
 
 def _truthy(value) -> bool:
@@ -193,10 +201,10 @@ def tool_from_output(text: str) -> str:
     - an OpenAI-style tool call (``{"name": "search", "arguments": ...}``, as
       models emit it inside ``<tool_call>`` tags or as JSON): its name.
     Two or more bash blocks are ambiguous (mini-swe-agent rejects them too): "".
-    So is a name with control characters.
+    So is a name that is not a tool name (``is_tool_name``).
     """
     name = _tool_named_in(text) if isinstance(text, str) and text else ""
-    return "" if CONTROL_CHARACTERS.search(name) else name  # names reach logs and metric labels
+    return name if is_tool_name(name) else ""  # a model's output: a lone surrogate or 500 bytes must not pass
 
 
 def _tool_named_in(text: str) -> str:
