@@ -30,17 +30,20 @@ without a program id) under each, and kvttl's leases granted and the share
 of them that were hit. With --ceiling-blocks N two more processes run on an
 N-block pool, large enough that no context is lost: stock, what keeping
 every context gives without reordering the queue (``ceiling_jct_speedup``,
-in units of P like the rest), and the first --policy, the same with that
-policy's queue order (``policy_jct_speedup``). Not a strict ceiling: the
-larger pool also lets vLLM admit more requests at once, which changes every
-step on a small machine (a host tier on the small pool, where every context
-comes back by memcpy, has measured more).
+in units of P like the rest), and the first --policy, the same under that
+policy: its queue order, and its pins where it grants any
+(``policy_jct_speedup``). Not a strict ceiling: the larger pool also lets
+vLLM admit more requests at once, which changes every step on a small
+machine (a host tier on the small pool, where every context comes back by
+memcpy, has measured more).
 
 Two processes one after the other differ in speed by up to a fifth here,
 whatever they run (an A/A side, ``--policy vllm``, has read 0.79x and
 1.00x). ``--rounds N`` runs every process N times, every other round in
-reverse order, and reports each round's ratios and their median
-(``over_rounds``); the top level stays the first round's.
+reverse order (an odd N runs the forward order once more), and reports
+each round's ratios and their median (``over_rounds``, with each round's
+calibration and pressure to check them by); the top level stays the first
+round's.
 """
 
 from __future__ import annotations
@@ -391,6 +394,10 @@ def over_rounds(judged: list[dict]) -> dict:
 
     result = {"rounds": len(judged), "by_policy": {
         policy: summary([j["by_policy"][policy] for j in judged], ROUND_KEYS) for policy in judged[0]["by_policy"]}}
+    for policy, summed in result["by_policy"].items():  # each round's P and pressure, to check its ratios by
+        rows = [j["by_policy"][policy] for j in judged]
+        summed["calibrated"] = [row["calibrated"] for row in rows]
+        summed["pressure_returning_turns_lost_stock"] = [row["pressure_returning_turns_lost_stock"] for row in rows]
     if "ceiling" in judged[0]:
         result["ceiling"] = summary([j["ceiling"] for j in judged], CEILING_ROUND_KEYS)
     return result

@@ -327,8 +327,8 @@ class KvttlRadixCache(UnifiedRadixCache):
                                    "the request's extra_key (or cache_salt), which already scopes program ids")
         # Queue keys compare each rank's own entry stamps; "arrival - jump" against another request's
         # stamp could order differently on two ranks, and the ranks must schedule alike.
-        ordinal_arrivals = self.tp_world_size > 1 or self.pp_size > 1
-        if ordinal_arrivals:
+        self._ordinal_arrivals = self.tp_world_size > 1 or self.pp_size > 1
+        if self._ordinal_arrivals:
             logger.info("kvttl: queue jumps are not bounded under tensor/pipeline parallelism (rank clocks): "
                         "program FCFS")
         self._clock = clock or time.time
@@ -346,7 +346,7 @@ class KvttlRadixCache(UnifiedRadixCache):
         self.kit = EngineKit(_Hooks(self), num_blocks=num_pages, block_size=self._page, config=self.kvttl_config,
                              clock=self._now, has_host_tier=self.host is not None, chunk_tokens=_chunk_tokens(),
                              kv_bytes_per_token=self.host.copier.slot_bytes / self._page if self.host else 0.0,
-                             ordinal_arrivals=ordinal_arrivals)
+                             ordinal_arrivals=self._ordinal_arrivals)
         collector = getattr(self, "metrics_collector", None)  # SGLang's own, with --enable-metrics
         self._metrics = KvttlMetrics(collector.labels) if collector is not None else None
         # request id -> request, for hinted requests not yet seen holding their lock
@@ -592,7 +592,7 @@ class KvttlRadixCache(UnifiedRadixCache):
         program = self.kit.programs.get(hints.key) if hints is not None else None
         arrival = program.first_arrival if program is not None else _entry_time(head)
         # (queue jumps, and so waiting them out, are off under TP / PP: rank clocks differ)
-        waited = self._queue_clock() - arrival if program is None and arrival else None
+        waited = self._queue_clock() - arrival if program is None and arrival and not self._ordinal_arrivals else None
         idle = running_batch is None or running_batch.is_empty()
         revoked = 0
         while self.token_to_kv_pool_allocator.available_size() + self.evictable_size() < need:
