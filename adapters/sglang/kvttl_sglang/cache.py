@@ -512,7 +512,10 @@ class KvttlRadixCache(UnifiedRadixCache):
             if hints is not None:
                 req._kvttl_arrived = True
                 now = self.tick()
-                self.kit.arrived(req.rid, hints, prompt_tokens=len(req.origin_input_ids), arrival=_entry_time(req),
+                # (with hicache storage or LMCache, SGLang matches a request before it stamps its queue
+                # entry: the stamp it is about to take is this moment on the same clock)
+                arrival = _entry_time(req) or self._queue_clock()
+                self.kit.arrived(req.rid, hints, prompt_tokens=len(req.origin_input_ids), arrival=arrival,
                                  now=self._now() if now is None else now)
                 self._waiting[req.rid] = req
         self._publish()

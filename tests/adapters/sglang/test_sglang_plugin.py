@@ -55,6 +55,33 @@ def test_program_fcfs_through_the_real_schedule_policy(jump, order):
     assert cache.release_all_leases() == 1 and cache.protected_size() == 0
 
 
+def test_a_program_matched_before_sglang_stamps_its_entry_keeps_its_arrival():
+    """With --enable-hicache-storage or LMCache, SGLang's _prefetch_kvcache
+    matches a request before it stamps its wait-queue entry: kvttl read the
+    unset stamp, 0.0, as the program's first arrival, and that program then
+    sorted ahead of every older one for good."""
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from kvttl_sglang import plugin
+
+    plugin.register()
+    HookRegistry.apply_hooks()
+    clock = FakeClock(500.0)
+    cache = make_cache(tokens=256, clock=clock, config={"policy": "continuum", "max_queue_jump_prefills": None})
+    run_turn(cache, tokens(1, 20), 4, program_id="B", ttl="0s")  # B: the older program
+    clock.t = 1000.0
+    Turn(cache, tokens(2, 20), 4, hints=make_kv_hints("A", ttl="0s"), entered=0.0).arrive().admit().finish()
+    clock.t = 1100.0
+    queue, names = [], {}
+    for program, prompt in [("A", tokens(3, 10)), ("B", tokens(4, 10))]:  # A's turn comes back first
+        turn = Turn(cache, prompt, 2, hints=make_kv_hints(program)).arrive()
+        queue.append(turn.req)
+        names[turn.req.rid] = program
+    SchedulePolicy("fcfs", cache, False, False, False).calc_priority(queue)
+    assert [names[r.rid] for r in queue] == ["B", "A"]  # program FCFS: B arrived at 500, A at 1000
+
+
 def _tp_rank(rank, world, port, lags, results):
     import torch.distributed as dist
 
