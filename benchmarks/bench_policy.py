@@ -18,6 +18,10 @@ wrong 1-hour hints, and mixed program lengths) on 8B/H100 -- and checks the cand
 - no harm:       at the lowest load, within 1% of vllm.
 
 Deterministic (seeded): the numbers are the simulator's, not the machine's.
+One seed is one replay of 60 programs, and where two policies are within a
+few percent the verdict can flip with it: ``--seeds 0-9`` runs the matrix
+on each seed and adds, per workload, each seed's worst loss and lead over
+the best peer, their medians, and on how many seeds "no loss" held.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -126,41 +131,92 @@ def main(argv=None) -> int:
     ap.add_argument("--candidate", default="kvttl", help="the policy judged (default kvttl)")
     ap.add_argument("--programs", type=int, default=60, help="programs per run (default 60, kvttl simulate's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", help="run the matrix on each of these seeds (0-9, or 0,3,5) and add a per-workload "
+                                    "table over them; overrides --seed")
     ap.add_argument("--only", help="comma-separated substrings: run the matrix rows whose workload matches")
     ap.add_argument("--host-gb", type=float, default=256.0,
                     help="pinned host DRAM for KV per engine, as kvttl simulate's --host-gb (default 256)")
     args = ap.parse_args(argv)
+    seeds = parse_seeds(ap, args.seeds) if args.seeds else [args.seed]
     policies = tuple(dict.fromkeys([*POLICIES[:-2], args.candidate, "oracle"]))
     matrix = [m for m in MATRIX if not args.only or any(s in m[0] for s in args.only.split(","))]
-    rows, reports = [], []
     start = time.perf_counter()
-    for i, (workload, preset) in enumerate(matrix, 1):
-        cfg = SweepConfig(workload=workload, preset=preset, policies=policies, num_programs=args.programs,
-                          seed=args.seed, host_tier_gb=args.host_gb)
-        report = run_sweep(cfg, progress=False)
-        reports.append(report)
-        row = judge(Path(workload).stem, report, args.candidate)
-        rows.append(row)
-        print(f"[{i}/{len(matrix)}] {row['workload']} on {preset}: {args.candidate} {row['ahead_of_best_peer_top']:.2f}x "
-              f"the best peer ({row['best_peer_top']}), oracle {row['oracle_ahead_of_best_peer_top']:.2f}x; "
-              f"{row['vs_oracle_top']:.2f}x the oracle's JCT; worst loss {row['loss_vs_best_other']:.3f}; "
-              f"short programs {row['short_programs_vs_vllm_worst'] or float('nan'):.2f}x vllm's JCT; "
-              f"low load {row['vs_vllm_low']:.3f}x vllm", file=sys.stderr, flush=True)
-    summary = summarize(rows)
-    verdict = met(summary)
-    print(f"\n{'target':<24} {'measured':>10} {'target':>10}  met")
-    for name, numbers in summary.items():
-        value = numbers.get("worst", numbers.get("geomean"))
-        sign = ">=" if name == "ahead_of_peers" else "<="
-        print(f"{name:<24} {value:>10.3f} {sign + format(numbers['target'], '.3f'):>10}  {'yes' if verdict[name] else 'NO'}")
-    print(f"({len(matrix)} workloads, {args.programs} programs per run, {time.perf_counter() - start:.0f} s)")
+    by_seed = []
+    for seed in seeds:
+        rows, reports = [], []
+        for i, (workload, preset) in enumerate(matrix, 1):
+            cfg = SweepConfig(workload=workload, preset=preset, policies=policies, num_programs=args.programs,
+                              seed=seed, host_tier_gb=args.host_gb)
+            report = run_sweep(cfg, progress=False)
+            reports.append(report)
+            row = judge(Path(workload).stem, report, args.candidate)
+            rows.append(row)
+            print(f"[seed {seed}, {i}/{len(matrix)}] {row['workload']} on {preset}: {args.candidate} "
+                  f"{row['ahead_of_best_peer_top']:.2f}x the best peer ({row['best_peer_top']}), oracle "
+                  f"{row['oracle_ahead_of_best_peer_top']:.2f}x; {row['vs_oracle_top']:.2f}x the oracle's JCT; "
+                  f"worst loss {row['loss_vs_best_other']:.3f}; short programs "
+                  f"{row['short_programs_vs_vllm_worst'] or float('nan'):.2f}x vllm's JCT; "
+                  f"low load {row['vs_vllm_low']:.3f}x vllm", file=sys.stderr, flush=True)
+        summary = summarize(rows)
+        by_seed.append({"seed": seed, "summary": summary, "met": met(summary), "workloads": rows, "reports": reports})
+    for one in by_seed:
+        print(f"\nseed {one['seed']}\n{'target':<24} {'measured':>10} {'target':>10}  met")
+        for name, numbers in one["summary"].items():
+            value = numbers.get("worst", numbers.get("geomean"))
+            sign = ">=" if name == "ahead_of_peers" else "<="
+            print(f"{name:<24} {value:>10.3f} {sign + format(numbers['target'], '.3f'):>10}  "
+                  f"{'yes' if one['met'][name] else 'NO'}")
+    seeds_table = over_seeds(by_seed) if len(by_seed) > 1 else None
+    if seeds_table:
+        print(f"\n{'workload':<40} {'worst loss, median':>18} {'no loss met':>12} {'ahead at top, geomean':>22}")
+        for row in seeds_table:
+            print(f"{row['workload'] + ' ' + row['preset']:<40} {row['loss_vs_best_other_median']:>18.3f} "
+                  f"{row['no_loss_met_seeds']:>6}/{len(by_seed):<5} {row['ahead_of_best_peer_top_geomean']:>22.3f}")
+    print(f"({len(matrix)} workloads, {len(seeds)} seed(s), {args.programs} programs per run, "
+          f"{time.perf_counter() - start:.0f} s)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        first = by_seed[0]
+        out = {"candidate": args.candidate, "programs": args.programs, "seed": first["seed"],
+               "host_gb": args.host_gb, "summary": first["summary"], "met": first["met"],
+               "workloads": first["workloads"], "reports": first["reports"]}
+        if seeds_table:  # the other seeds' reports are left out: each is as large as the first's
+            out["seeds"] = [{k: one[k] for k in ("seed", "summary", "met", "workloads")} for one in by_seed]
+            out["over_seeds"] = seeds_table
         with open(args.json, "w") as f:
-            json.dump({"candidate": args.candidate, "programs": args.programs, "seed": args.seed,
-                       "host_gb": args.host_gb, "summary": summary, "met": verdict, "workloads": rows,
-                       "reports": reports}, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
+
+
+def parse_seeds(ap: argparse.ArgumentParser, text: str) -> list[int]:
+    """``0-9`` or ``0,3,5`` (or both: ``0-2,7``) as a list of distinct seeds."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        ap.error(f"--seeds takes seeds as 0-9 or 0,3,5, got {text!r}")
+    if not seeds:
+        ap.error(f"--seeds names no seed: {text!r}")
+    return list(dict.fromkeys(seeds))
+
+
+def over_seeds(by_seed: list[dict]) -> list[dict]:
+    """Per workload of the matrix: each seed's worst loss to any policy and
+    lead over the best peer at the top load, their medians, and how many
+    seeds met "no loss"."""
+    table = []
+    for i, first in enumerate(by_seed[0]["workloads"]):
+        rows = [one["workloads"][i] for one in by_seed]
+        losses = [r["loss_vs_best_other"] for r in rows]
+        ahead = [r["ahead_of_best_peer_top"] for r in rows]
+        table.append({"workload": first["workload"], "preset": first["preset"],
+                      "seeds": [one["seed"] for one in by_seed], "loss_vs_best_other": losses,
+                      "loss_vs_best_other_median": statistics.median(losses),
+                      "no_loss_met_seeds": sum(loss <= 1.01 for loss in losses),
+                      "ahead_of_best_peer_top": ahead, "ahead_of_best_peer_top_geomean": _geomean(ahead)})
+    return table
 
 
 if __name__ == "__main__":
