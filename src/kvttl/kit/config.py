@@ -17,7 +17,7 @@ import attrs
 
 from kvttl.errors import BadArgumentError
 from kvttl.policy import MAX_TTL_S, OFFLOAD_MODES, get_policy
-from kvttl.policy.hints import CONTROL_CHARACTERS, MAX_TOOL_BYTES
+from kvttl.policy.hints import MAX_TOOL_BYTES, is_tool_name
 
 __all__ = ["KitConfig", "load_config", "CONFIG_KEYS", "MAX_TOOL_PRIORS"]
 
@@ -117,8 +117,7 @@ def _tool_priors(source: str, given: Any) -> dict:
         raise BadArgumentError(f"{source}: tool_priors_s has {len(given)} tools, at most {MAX_TOOL_PRIORS}")
     priors = {}
     for tool, seconds in given.items():
-        if (not isinstance(tool, str) or not tool or len(tool.encode("utf-8", "replace")) > MAX_TOOL_BYTES
-                or CONTROL_CHARACTERS.search(tool)):
+        if not tool or not is_tool_name(tool):
             raise BadArgumentError(f"{source}: tool_priors_s: {tool!r} is not a tool name (a non-empty string of "
                                    f"at most {MAX_TOOL_BYTES} bytes without control characters, or '*')")
         priors[tool] = _number(source, f"tool_priors_s[{tool!r}]", seconds, low=0.0, high=MAX_TTL_S, low_open=True)

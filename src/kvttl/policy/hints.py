@@ -177,11 +177,9 @@ def parse_turn_hints(payload: Mapping | None, *, tenant: str = "", quota: str = 
     if tool is not None and not isinstance(tool, str):
         warnings.append(f"tool ignored: must be a str, got {type(tool).__name__}")
         tool = None
-    elif tool is not None and _utf8_len(tool) > MAX_TOOL_BYTES:
-        warnings.append(f"tool ignored: must be valid UTF-8 of at most {MAX_TOOL_BYTES} bytes")
-        tool = None
-    elif tool is not None and CONTROL_CHARACTERS.search(tool):
-        warnings.append(f"tool ignored: must not hold control characters, got {tool[:32]!r}")
+    elif tool is not None and not is_tool_name(tool):
+        warnings.append(f"tool ignored: must be valid UTF-8 of at most {MAX_TOOL_BYTES} bytes without control "
+                        f"characters, got {tool[:32]!r}")
         tool = None
     return TurnHints(program_id=program, tool=tool or "", last_turn=_truthy(payload.get("last_turn", False)),
                      ttl_s=ttl, warnings=tuple(warnings), tenant=str(tenant) if tenant else "",

@@ -23,6 +23,7 @@ import numpy as np
 
 from kvttl.errors import BadArgumentError
 from kvttl.policy import is_tool_name, parse_ttl
+from kvttl.policy.hints import MAX_TOOL_BYTES
 
 __all__ = [
     "Turn", "Program", "ToolSpec", "WorkloadSpec", "WORKLOADS", "get_workload", "load_workload_spec",
@@ -146,9 +147,9 @@ class WorkloadSpec:
         if not isinstance(self.tools, tuple) or not self.tools:
             raise BadArgumentError(f"{where}: needs at least one tool")
         for tool in self.tools:
-            if not isinstance(tool.name, str) or not tool.name or not is_tool_name(tool.name):
-                raise BadArgumentError(f"{where}: a tool's name must be a non-empty string of at most 128 bytes "
-                                       f"without control characters, got {tool.name!r}")
+            if not tool.name or not is_tool_name(tool.name):
+                raise BadArgumentError(f"{where}: a tool's name must be a non-empty string of at most "
+                                       f"{MAX_TOOL_BYTES} bytes without control characters, got {tool.name!r}")
             for key, high in (("weight", math.inf), ("median_s", MAX_TOOL_MEDIAN_S), ("sigma", MAX_SIGMA)):
                 value = getattr(tool, key)
                 if not _finite_number(value) or not 0 <= value <= high:
