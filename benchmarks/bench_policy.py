@@ -61,9 +61,13 @@ def _mean(report, policy, jps):
     return _row(report, policy, jps)["mean_jct_s"]
 
 
+def _short_row(report, policy, jps):
+    return next((b for b in report["by_turns"] if b["policy"] == policy and b["jps"] == jps
+                 and b["turns"] == SHORT), None)
+
+
 def _short_mean(report, policy, jps):
-    row = next((b for b in report["by_turns"] if b["policy"] == policy and b["jps"] == jps
-                and b["turns"] == SHORT), None)
+    row = _short_row(report, policy, jps)
     return None if row is None else row["mean_jct_s"]
 
 
@@ -89,6 +93,9 @@ def judge(workload: str, report: dict, candidate: str) -> dict:
         "ahead_of_best_peer_top": peer_top / _mean(report, candidate, top),
         "oracle_ahead_of_best_peer_top": peer_top / _mean(report, "oracle", top),
         "short_programs_vs_vllm_worst": max(fair) if fair else None,  # <= 1.10
+        # how many 1-5-turn programs that mean is over (the same programs at every load): with a
+        # handful, "fair" is one program's luck
+        "short_programs": (_short_row(report, "vllm", top) or {}).get("num_programs", 0),
         "vs_vllm_low": _mean(report, candidate, low) / _mean(report, "vllm", low),  # <= 1.01
         # what reloading from the host tier ahead of each tool's return could save at most, as a share
         # of the candidate's summed JCT at the top load: every second its requests waited for reloads
@@ -155,7 +162,8 @@ def main(argv=None) -> int:
                   f"{row['ahead_of_best_peer_top']:.2f}x the best peer ({row['best_peer_top']}), oracle "
                   f"{row['oracle_ahead_of_best_peer_top']:.2f}x; {row['vs_oracle_top']:.2f}x the oracle's JCT; "
                   f"worst loss {row['loss_vs_best_other']:.3f}; short programs "
-                  f"{row['short_programs_vs_vllm_worst'] or float('nan'):.2f}x vllm's JCT; "
+                  f"{row['short_programs_vs_vllm_worst'] or float('nan'):.2f}x vllm's JCT "
+                  f"({row['short_programs']} of them); "
                   f"low load {row['vs_vllm_low']:.3f}x vllm", file=sys.stderr, flush=True)
         summary = summarize(rows)
         by_seed.append({"seed": seed, "summary": summary, "met": met(summary), "workloads": rows, "reports": reports})
@@ -172,6 +180,8 @@ def main(argv=None) -> int:
         for row in seeds_table:
             print(f"{row['workload'] + ' ' + row['preset']:<40} {row['loss_vs_best_other_median']:>18.3f} "
                   f"{row['no_loss_met_seeds']:>6}/{len(by_seed):<5} {row['ahead_of_best_peer_top_geomean']:>22.3f}")
+        print("seeds on which each target held: " + ", ".join(
+            f"{name} {sum(one['met'][name] for one in by_seed)}/{len(by_seed)}" for name in by_seed[0]["met"]))
     print(f"({len(matrix)} workloads, {len(seeds)} seed(s), {args.programs} programs per run, "
           f"{time.perf_counter() - start:.0f} s)")
     if args.json:
