@@ -130,6 +130,61 @@ def test_prior_is_exponential_with_mean_one_second():
     assert est.mean("anything") == pytest.approx(1.0, rel=0.05)
 
 
+def test_mixture_weighs_each_part():
+    blend = DurationCDF.mixture([(1.0, cdf(1, 2)), (1.0, cdf(3)), (0.0, cdf(100))])  # weight 0: left out
+    assert blend.support.tolist() == [1, 2, 3]
+    assert blend(0.5) == 0 and blend(1) == pytest.approx(0.25) and blend(2.5) == pytest.approx(0.5) and blend(3) == 1
+    assert blend.at_support().tolist() == pytest.approx([0.25, 0.5, 1.0])
+    assert blend.mean() == pytest.approx(0.25 * 1 + 0.25 * 2 + 0.5 * 3)
+    assert blend.quantile(0.5) == 2 and blend.quantile(0.51) == 3 and blend.quantile(0.1) == 1
+    ties = DurationCDF.mixture([(1.0, cdf(1)), (3.0, cdf(1, 2))])  # ties count to the last equal point
+    assert ties.at_support().tolist() == pytest.approx([0.625, 0.625, 1.0])
+    assert DurationCDF.mixture([(2.0, cdf(5))]).support.tolist() == [5]
+
+
+def test_blended_estimate_lets_a_few_returns_outweigh_the_prior():
+    """A new user's agents (5 programs x 6 turns, 25 returns) never left the
+    1 s prior, so a tool that always took 1-2 s got pins of 0.46-0.68 s
+    that could never hit. Blended, the returns seen count from the first."""
+    staged = ToolDurationEstimator()
+    blended = ToolDurationEstimator(prior_weight=10)
+    durations = np.linspace(1.0, 2.0, 20)
+    for d in durations:
+        staged.observe("pytest", float(d))
+        blended.observe("pytest", float(d))
+    assert staged.stage("pytest") == blended.stage("pytest") == "prior"  # too few to call them known
+    assert staged.cdf("pytest")(0.99) == pytest.approx(1 - math.exp(-0.99), abs=1 / 64)  # the prior alone
+    # the prior weighs 10 of 30 returns at the tool level (and the global estimate it stands on, 10 of 30)
+    assert blended.cdf("pytest")(0.99) == pytest.approx((1 - math.exp(-0.99)) * 10 / 30 * 10 / 30, abs=1 / 64)
+    assert blended.cdf("pytest")(2.0) == pytest.approx(1 - (math.exp(-2.0)) * 10 / 30 * 10 / 30, abs=1 / 64)
+    value = 2.5  # a hit saves 2.5 s
+    assert 0 < continuum_tau(staged.cdf("pytest"), value) < 1.0  # a pin shorter than every call
+    assert continuum_tau(blended.cdf("pytest"), value) == pytest.approx(2.0)  # long enough for every call
+    # a tool never seen leans on all tools' returns, as far as they go
+    assert blended.cdf("never")(2.0) == pytest.approx((20 + 10 * (1 - math.exp(-2.0))) / 30, abs=1 / 64)
+
+
+def test_blended_estimate_keeps_a_named_prior_against_the_tools_own_returns_only():
+    est = ToolDurationEstimator(prior_weight=5)
+    for _ in range(200):
+        est.observe("other", 0.1)
+    est.set_prior("slow", 60.0)
+    assert est.mean("slow") == pytest.approx(60.0, rel=0.05)  # others' returns do not move it
+    for _ in range(45):
+        est.observe("slow", 30.0)
+    assert est.mean("slow") == pytest.approx((5 * 60.0 + 45 * 30.0) / 50, rel=0.05)
+    # a tool never seen: all tools' returns, and the 1 s prior worth 5 of them
+    assert est.mean("fresh") == pytest.approx((200 * 0.1 + 45 * 30.0 + 5 * 1.0) / 250, rel=0.05)
+    est.set_prior("*", 10.0)  # the cache follows a new prior
+    assert est.mean("fresh") == pytest.approx((200 * 0.1 + 45 * 30.0 + 5 * 10.0) / 250, rel=0.05)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf])
+def test_estimator_rejects_a_bad_prior_weight(bad):
+    with pytest.raises(BadArgumentError, match="prior_weight"):
+        ToolDurationEstimator(prior_weight=bad)
+
+
 def test_window_bounds_memory_and_follows_drift():
     est = ToolDurationEstimator(min_samples=2, window=4)
     for d in range(10):
@@ -448,7 +503,8 @@ def test_kvttl_believes_a_hint_only_as_far_as_the_evidence_goes():
     assert policy.ttl(hour) == 3600.0  # no evidence yet: the client may know best
     for d in np.linspace(0.1, 2.0, 50):
         policy.on_tool_return("cat", float(d))
-    assert policy.ttl(hour) == pytest.approx(np.quantile(np.linspace(0.1, 2.0, 50), 0.99))
+    # cut to the 99th percentile of the estimate: the 50 returns, and the prior worth a few percent of them
+    assert policy.ttl(hour) == policy.estimator.cdf("cat").quantile(0.99) == 2.0
     short = TurnContext(program_id=1, tool="cat", hint_ttl_s=0.05, prefill_s=10.0)
     assert policy.ttl(short) == 0.05  # a shorter hint is kept
     continuum = ContinuumTTL(min_samples=10)

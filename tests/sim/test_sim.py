@@ -329,6 +329,7 @@ def test_kvttl_is_continuum_without_a_host_tier_hints_aging_its_queue_order_or_r
     facts = dict(capacity_blocks=H100.num_gpu_blocks(16), reload=H100.reload_model(8192))
     kvttl = attrs.evolve(get_policy("kvttl", **facts), max_queue_jump_prefills=None, queue_order=program_fcfs)
     kvttl.ttl.revocation_min_samples = 10**9  # never prices a pin by its chance of revocation
+    kvttl.ttl.estimator.prior_weight = None  # and takes Continuum's staged estimate of the tools
     b = Simulator(programs, kvttl, H100, EngineConfig(host_tier_gb=0.0), jps=0.2).run().summary()
     a.pop("policy"), b.pop("policy")
     assert a == b

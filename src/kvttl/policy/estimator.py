@@ -15,27 +15,76 @@ __all__ = ["ToolDurationEstimator", "SlidingMean", "TurnCorrelation", "DurationC
 
 
 class DurationCDF:
-    """An empirical CDF over a sorted sample: ``F(t) = #{s <= t} / n``.
+    """A discrete CDF over sorted support points: ``F(t) = #{s <= t} / n``
+    for an empirical sample, or a weighted one (``cumulative``).
 
     ``support`` is the sorted sample itself, the candidate set S_f of the
-    Continuum rule."""
+    Continuum rule. ``cumulative[i]`` is F at ``support[i]`` counted to that
+    point (ties: the last equal point holds F), 1 at the end; None means
+    every point weighs the same, which keeps the plain empirical CDF free of
+    any array beyond its sample. Weighted CDFs come from ``mixture``: a prior
+    blended with the returns seen."""
 
-    __slots__ = ("support",)
+    __slots__ = ("support", "cumulative")
 
-    def __init__(self, sorted_samples: np.ndarray):
+    def __init__(self, sorted_samples: np.ndarray, cumulative: np.ndarray | None = None):
         self.support = sorted_samples
+        self.cumulative = cumulative
+
+    @classmethod
+    def mixture(cls, parts: list[tuple[float, "DurationCDF"]]) -> "DurationCDF":
+        """The CDF of drawing from each part with probability proportional
+        to its weight (parts of weight 0, or without support, are left out)."""
+        parts = [(w, c) for w, c in parts if w > 0 and len(c.support)]
+        if len(parts) == 1:
+            return parts[0][1]
+        total = sum(w for w, _ in parts)
+        points = np.concatenate([c.support for _, c in parts])
+        masses = np.concatenate([c.masses() * (w / total) for w, c in parts])
+        order = np.argsort(points, kind="stable")
+        cumulative = np.cumsum(masses[order])
+        cumulative /= cumulative[-1]
+        return cls(points[order], cumulative)
+
+    def masses(self) -> np.ndarray:
+        """Probability of each support point (they sum to 1)."""
+        n = len(self.support)
+        if self.cumulative is None:
+            return np.full(n, 1.0 / n)
+        return np.diff(self.cumulative, prepend=0.0)
+
+    def _at_index(self, index: np.ndarray | int):
+        """F at the support point before ``index`` (0 before the first)."""
+        n = len(self.support)
+        if self.cumulative is None:
+            return index / n
+        return np.where(index > 0, self.cumulative[np.maximum(index, 1) - 1], 0.0)
 
     def __call__(self, t: float) -> float:
-        n = len(self.support)
-        return float(np.searchsorted(self.support, t, side="right")) / n if n else 0.0
+        if not len(self.support):
+            return 0.0
+        return float(self._at_index(int(np.searchsorted(self.support, t, side="right"))))
 
     def at_support(self) -> np.ndarray:
         """F at each support point, ties counted to the last equal sample."""
-        n = len(self.support)
-        return np.searchsorted(self.support, self.support, side="right") / n
+        return self._at_index(np.searchsorted(self.support, self.support, side="right"))
 
     def survival(self, t: float) -> float:
         return 1.0 - self(t)
+
+    def quantile(self, q: float) -> float:
+        """The smallest support point with F >= q (NaN without support)."""
+        if not len(self.support):
+            return math.nan
+        if self.cumulative is None:
+            return float(np.quantile(self.support, q))
+        index = int(np.searchsorted(self.cumulative, q - 1e-12, side="left"))
+        return float(self.support[min(index, len(self.support) - 1)])
+
+    def mean(self) -> float:
+        if not len(self.support):
+            return math.nan
+        return float(self.support.mean() if self.cumulative is None else self.masses() @ self.support)
 
 
 class _Window:
@@ -71,6 +120,10 @@ class _Window:
         return sum(self.order) / len(self.order) if self.order else math.nan
 
 
+#: the blended estimate cache's key for all tools together (no tool name is None)
+_ALL_TOOLS = None
+
+
 class ToolDurationEstimator:
     """Per-tool duration distributions, learned from (finish -> next arrival) gaps.
 
@@ -90,12 +143,29 @@ class ToolDurationEstimator:
     its own keeps it (a first-come rule folded every later tool into one).
     The prior's CDF is represented by ``prior_points`` of its quantiles, so
     every stage hands the TTL rule the same kind of object.
+
+    With ``prior_weight`` (kvttl's policy sets it; Continuum's does not) the
+    stages blend instead of switching: the estimate of all tools is the prior
+    worth ``prior_weight`` returns mixed with the returns seen, and a tool's
+    estimate is that (or the tool's own prior) worth ``prior_weight`` returns
+    mixed with the tool's own -- the posterior mean of a Dirichlet process,
+    one level per stage. Why: a hard switch ignores the first 99 returns, so
+    a small workload (a few programs, tens of returns) is decided by the
+    prior alone however plainly its tools contradict it, and the estimate
+    jumps at the 100th. Blended at kvttl's weight of 10, ten returns weigh
+    as much as the prior and thirty three times as much. ``stage`` still
+    reports the staged rule's stage: whether enough returns were seen to
+    call a tool's durations known.
     """
 
     def __init__(self, *, min_samples: int = 100, window: int = 1024, prior_mean_s: float = 1.0,
-                 prior_points: int = 64, max_tools: int = 4096, max_samples: int = 262144):
+                 prior_points: int = 64, max_tools: int = 4096, max_samples: int = 262144,
+                 prior_weight: float | None = None):
         if min_samples < 1 or window < min_samples:
             raise BadArgumentError(f"need 1 <= min_samples <= window, got {min_samples} and {window}")
+        if prior_weight is not None and not (prior_weight > 0 and math.isfinite(prior_weight)):
+            raise BadArgumentError(f"prior_weight must be a positive number of returns (or None), got {prior_weight!r}")
+        self.prior_weight = prior_weight
         if not (prior_mean_s > 0 and math.isfinite(prior_mean_s)):
             raise BadArgumentError(f"prior_mean_s must be a positive number, got {prior_mean_s}")
         self.min_samples = min_samples
@@ -109,6 +179,8 @@ class ToolDurationEstimator:
         self._prior_points = prior_points
         self._prior = self._exponential(prior_mean_s)
         self._tool_priors: dict[str, DurationCDF] = {}
+        # tool (None: all tools) -> (num_observed then, blended estimate)
+        self._blended_cache: dict[str | None, tuple[int, DurationCDF]] = {}
 
     def _exponential(self, mean_s: float) -> DurationCDF:
         q = (np.arange(self._prior_points) + 0.5) / self._prior_points
@@ -122,6 +194,7 @@ class ToolDurationEstimator:
         returns of all tools together (then their CDF is the estimate)."""
         if not (isinstance(mean_s, (int, float)) and mean_s > 0 and math.isfinite(mean_s)):
             raise BadArgumentError(f"the prior of tool {tool!r} must be a positive number of seconds, got {mean_s!r}")
+        self._blended_cache.clear()
         if tool == "*":
             self._prior = self._exponential(float(mean_s))
         elif tool in self._tool_priors or len(self._tool_priors) < self.max_tools:
@@ -172,6 +245,8 @@ class ToolDurationEstimator:
         return "global"
 
     def cdf(self, tool: str) -> DurationCDF:
+        if self.prior_weight is not None:
+            return self._blended(tool or "")
         stage = self.stage(tool)
         if stage == "prior":
             return self._tool_priors.get(tool or "", self._prior)
@@ -179,10 +254,32 @@ class ToolDurationEstimator:
             return self._global.cdf()
         return self._tools[tool or ""].cdf()
 
+    def _blended(self, tool: str) -> DurationCDF:
+        """The prior-weighted estimate (see the class docstring), cached
+        until the next return of any tool."""
+        cached = self._blended_cache.get(tool)
+        if cached is not None and cached[0] == self.num_observed:
+            return cached[1]
+        weight = self.prior_weight
+        base = self._tool_priors.get(tool)
+        if base is None:  # all tools' estimate: one per return, shared by every tool
+            shared = self._blended_cache.get(_ALL_TOOLS)
+            if shared is None or shared[0] != self.num_observed:
+                shared = (self.num_observed,
+                          DurationCDF.mixture([(weight, self._prior), (len(self._global), self._global.cdf())]))
+                self._blended_cache[_ALL_TOOLS] = shared
+            base = shared[1]
+        own = self._tools.get(tool)
+        estimate = DurationCDF.mixture([(weight, base), (len(own) if own is not None else 0,
+                                                         own.cdf() if own is not None else base)])
+        if len(self._blended_cache) >= 64:  # tool names come from clients: bounded
+            self._blended_cache.clear()
+        self._blended_cache[tool] = (self.num_observed, estimate)
+        return estimate
+
     def mean(self, tool: str) -> float:
         """Mean of the estimate in use (NaN never: the prior has a mean)."""
-        support = self.cdf(tool).support
-        return float(support.mean())
+        return self.cdf(tool).mean()
 
     def tool_mean(self, tool: str) -> float | None:
         """The tool's own running mean, or None if it was never seen."""

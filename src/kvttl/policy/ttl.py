@@ -184,8 +184,11 @@ class ContinuumTTL(TTLPolicy):
 
     name = "continuum"
 
+    #: the tool-duration estimate's prior, worth this many returns (None: the paper's staged switch)
+    prior_weight: float | None = None
+
     def __init__(self, *, honor_hints: bool = True, min_samples: int = 100, window: int = 1024):
-        self.estimator = ToolDurationEstimator(min_samples=min_samples, window=window)
+        self.estimator = ToolDurationEstimator(min_samples=min_samples, window=window, prior_weight=self.prior_weight)
         self.evicted_delay = SlidingMean(256)
         self.correlation = TurnCorrelation()
         self.honor_hints = honor_hints
@@ -214,14 +217,14 @@ class ContinuumTTL(TTLPolicy):
 
 
 class KvttlTTL(ContinuumTTL):
-    """Continuum's tau*, with two corrections from what the server sees.
+    """Continuum's tau*, with three corrections from what the server sees.
 
     - A client's hint is believed only as far as the evidence allows: once a
-      tool's durations are known (its own or the global estimate, not the
-      prior), a hint is cut to the 99th percentile of what that tool has
-      taken. A hint of an hour for a tool that has never taken ten seconds
-      pins for ten seconds, not an hour; a shorter hint is kept (the client
-      may know its program ends early).
+      tool's durations are known (100 returns in all, or the tool's own), a
+      hint is cut to the 99th percentile of the tool's estimated durations.
+      A hint of an hour for a tool that has never taken ten seconds pins
+      for ten seconds, not an hour; a shorter hint is kept (the client may
+      know its program ends early).
     - Pins are soft: a lease revoked before its turn returns saves nothing,
       so a hit is worth ``1 - p`` of Eq. 2's value, p the share of the last
       256 ended leases that were revoked (0 until 32 have ended). Where
@@ -229,11 +232,19 @@ class KvttlTTL(ContinuumTTL):
       changes. In the simulator it narrowed kvttl's worst loss to a peer on
       every seed measured, at the price of some of 70B SWE-bench's lead on
       one (benchmarks/README.md, 2026-12-06).
+    - The tool durations count from the first return: the prior weighs as
+      ``prior_weight`` returns against those seen (``ToolDurationEstimator``),
+      where Continuum ignores the returns until there are 100. A server
+      with a few agents then pins for what their tools take, not for what
+      a 1 s prior guesses. The simulator's replays, which run past 100
+      returns early, moved by noise either way (benchmarks/README.md,
+      2026-12-06, sixth session).
     """
 
     name = "kvttl"
+    prior_weight = 10.0
 
-    #: a hint is cut to this quantile of the tool's observed durations
+    #: a hint is cut to this quantile of the tool's estimated durations
     hint_quantile = 0.99
     #: leases whose ends make the revocation share, and how many must have ended first
     revocation_window = 256
@@ -261,7 +272,7 @@ class KvttlTTL(ContinuumTTL):
         if self.estimator.stage(turn.tool) == "prior":
             return hint
         # past the prior stage the estimate is made of samples: never empty
-        return min(hint, float(np.quantile(self.estimator.cdf(turn.tool).support, self.hint_quantile)))
+        return min(hint, self.estimator.cdf(turn.tool).quantile(self.hint_quantile))
 
 
 class InferCeptTTL(ContinuumTTL):
