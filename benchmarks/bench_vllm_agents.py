@@ -204,8 +204,7 @@ def run_mode(args) -> dict:
                                            for kind in ("kept", "lost")}}
     if args.mode == "kvttl":
         result["leases_granted"] = statistics.median(r["leases"]["granted"] for r in results)
-        result["lease_hit_share"] = statistics.median(r["leases"]["hit"] / max(1, r["leases"]["granted"])
-                                                      for r in results)
+        result["lease_hit_share"] = lease_hit_share([r["leases"] for r in results])
         result["prefill_tokens_per_s_learned"] = connector.kit.prefill_tokens_per_s
         result["policy_terms"] = policy_terms(connector.kit, args.context)
         result["hook_share"] = hook_share(llm, single, args)
@@ -223,6 +222,13 @@ def policy_terms(kit, context_tokens: int) -> dict | None:
     if hasattr(ttl, "revoked_share"):  # kvttl: a hit is worth (1 - revoked share) of the rest
         terms["revoked_share"] = ttl.revoked_share()
     return terms
+
+
+def lease_hit_share(leases: list[dict]) -> float | None:
+    """Leases hit over leases granted, pooled over the repeats; None where
+    none was granted (a policy that pins nothing has no hit rate, not 0%)."""
+    granted = sum(one["granted"] for one in leases)
+    return sum(one["hit"] for one in leases) / granted if granted else None
 
 
 def p95(values) -> float:

@@ -187,6 +187,13 @@ def test_agents_compare_reports_both_sides_and_their_ratios(bench_vllm_agents):
     assert out["config"]["seed"] == 0 and "json" not in out["config"]
 
 
+def test_agents_lease_hit_share_pools_the_repeats_and_is_none_without_leases(bench_vllm_agents):
+    # the median of per-repeat shares read 0% for a policy that granted nothing, and 0.5 here
+    assert bench_vllm_agents.lease_hit_share([{"granted": 1, "hit": 1}, {"granted": 9, "hit": 0},
+                                              {"granted": 2, "hit": 1}]) == pytest.approx(2 / 12)
+    assert bench_vllm_agents.lease_hit_share([{"granted": 0, "hit": 0}] * 3) is None
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--blocks", "40", "--ceiling-blocks", "40"], "--ceiling-blocks must be 0 (none) or more than --blocks"),
