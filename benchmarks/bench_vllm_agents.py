@@ -84,6 +84,7 @@ def run_mode(args) -> dict:
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvttlConnector", kv_connector_module_path="kvttl_vllm.connector", kv_role="kv_both",
             kv_connector_extra_config={"policy": args.policy, "host_tier_blocks": args.host_tier_blocks,
+                                       "pinned_share_cap": args.pinned_share_cap,
                                        "max_queue_jump_prefills": None if args.max_queue_jump_prefills < 0
                                        else args.max_queue_jump_prefills})
         if args.program_fcfs:
@@ -326,6 +327,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--host-tier-blocks", type=int, default=0,
                     help="kvttl side: host slots that unpinned leases are copied to and reloaded from (0: none)")
+    ap.add_argument("--pinned-share-cap", type=float, default=0.8,
+                    help="kvttl side: the kit's pinned_share_cap, the most of the pool leases may hold")
     ap.add_argument("--program-fcfs", type=int, choices=[0, 1], default=1,
                     help="kvttl side: also order vLLM's queue by program (--scheduler-cls); 0: connector only")
     args = ap.parse_args(argv)
