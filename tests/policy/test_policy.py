@@ -140,6 +140,8 @@ def test_mixture_weighs_each_part():
     ties = DurationCDF.mixture([(1.0, cdf(1)), (3.0, cdf(1, 2))])  # ties count to the last equal point
     assert ties.at_support().tolist() == pytest.approx([0.625, 0.625, 1.0])
     assert DurationCDF.mixture([(2.0, cdf(5))]).support.tolist() == [5]
+    with pytest.raises(BadArgumentError, match="mixture"):
+        DurationCDF.mixture([(0.0, cdf(1)), (1.0, cdf())])
 
 
 def test_blended_estimate_lets_a_few_returns_outweigh_the_prior():

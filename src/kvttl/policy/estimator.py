@@ -36,6 +36,8 @@ class DurationCDF:
         """The CDF of drawing from each part with probability proportional
         to its weight (parts of weight 0, or without support, are left out)."""
         parts = [(w, c) for w, c in parts if w > 0 and len(c.support)]
+        if not parts:
+            raise BadArgumentError("a mixture needs a part with weight > 0 and support points")
         if len(parts) == 1:
             return parts[0][1]
         total = sum(w for w, _ in parts)
