@@ -26,8 +26,8 @@ seconds and each P are in the JSON too). Beside
 the JCT the result reports what the workload did: the share of returning
 turns that lost context under stock (the pressure created: with none there
 is nothing to gain), the latency of the background requests (traffic
-without a program id) under each, and kvttl's leases granted and the share
-of them that were hit. With --ceiling-blocks N two more processes run on an
+without a program id) under each, and kvttl's leases granted, the share
+of them that were hit, and how many expired or were revoked. With --ceiling-blocks N two more processes run on an
 N-block pool, large enough that no context is lost: stock, what keeping
 every context gives without reordering the queue (``ceiling_jct_speedup``,
 in units of P like the rest), and the first --policy, the same under that
@@ -174,7 +174,7 @@ def run_mode(args) -> dict:
                 if out.finished and out.request_id in bg_started:
                     bg_latency.append(time.monotonic() - bg_started.pop(out.request_id))
         jct = [p["done"] - p["start"] for p in programs]
-        leases = {k: connector.stats[k] - leases_before.get(k, 0) for k in ("granted", "hit")} if connector else {}
+        leases = {k: connector.stats[k] - leases_before.get(k, 0) for k in LEASE_COUNTS} if connector else {}
         return {"jct": jct, "hit": cached / max(1, prompt_tokens), "bg": bg_latency,
                 "lost": lost / max(1, returning), "leases": leases, "turn_latency": turn_latency}
 
@@ -206,6 +206,9 @@ def run_mode(args) -> dict:
     if args.mode == "kvttl":
         result["leases_granted"] = statistics.median(r["leases"]["granted"] for r in results)
         result["lease_hit_share"] = lease_hit_share([r["leases"] for r in results])
+        # how the leases that did not hit ended, median per repeat: their TTL ran out, or memory took them
+        result["leases_expired"] = statistics.median(r["leases"]["expired"] for r in results)
+        result["leases_revoked"] = statistics.median(r["leases"]["revoked"] for r in results)
         result["prefill_tokens_per_s_learned"] = connector.kit.prefill_tokens_per_s
         result["policy_terms"] = policy_terms(connector.kit, args.context)
         result["hook_share"] = hook_share(llm, single, args)
@@ -223,6 +226,10 @@ def policy_terms(kit, context_tokens: int) -> dict | None:
     if hasattr(ttl, "revoked_share"):  # kvttl: a hit is worth (1 - revoked share) of the rest
         terms["revoked_share"] = ttl.revoked_share()
     return terms
+
+
+#: the kit's lease counters each agent run reports (kvttl.kit.LEASE_EVENTS)
+LEASE_COUNTS = ("granted", "hit", "expired", "revoked")
 
 
 def lease_hit_share(leases: list[dict]) -> float | None:
@@ -400,7 +407,8 @@ def main(argv=None):
 
 #: the ratios that --rounds reports per round and as their median
 ROUND_KEYS = ("jct_speedup", "jct_speedup_raw_seconds", "background_latency_ratio", "leases_granted",
-              "lease_hit_share", "single_turn_throughput_ratio", "normal_path_hook_share")
+              "lease_hit_share", "leases_expired", "leases_revoked", "single_turn_throughput_ratio",
+              "normal_path_hook_share")
 CEILING_ROUND_KEYS = ("ceiling_jct_speedup", "ceiling_jct_speedup_raw_seconds", "policy_jct_speedup",
                       "policy_jct_speedup_raw_seconds", "policy_background_latency_ratio")
 
@@ -532,6 +540,7 @@ def compare(stock: dict, kvttl: dict, args) -> dict:
         "pressure_returning_turns_lost_stock": out["stock"]["returning_turns_lost"],
         "returning_turns_lost_kvttl": out["kvttl"]["returning_turns_lost"],
         "leases_granted": out["kvttl"]["leases_granted"], "lease_hit_share": out["kvttl"]["lease_hit_share"],
+        "leases_expired": out["kvttl"]["leases_expired"], "leases_revoked": out["kvttl"]["leases_revoked"],
         "prefill_tokens_per_s_learned_by_kvttl": out["kvttl"]["prefill_tokens_per_s_learned"],
         # returning turns' latency (add -> finish, seconds) when their context was kept or lost: a
         # hit's measured worth to its own turn, next to what the TTL policy believes it is worth

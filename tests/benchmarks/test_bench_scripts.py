@@ -177,6 +177,7 @@ def test_agents_compare_reports_both_sides_and_their_ratios(bench_vllm_agents):
     stock = _side(30.0, 0.1, background_mean_s=2.0, **common)
     kvttl = _side(12.0, 0.08, background_mean_s=1.6, **common | {"tok_s": 90.0}) | {
         "hook_share": [0.001, 0.003, 0.002], "leases_granted": 4, "lease_hit_share": 0.5,
+        "leases_expired": 1, "leases_revoked": 1,
         "prefill_tokens_per_s_learned": 25000.0, "policy_terms": None}
     out = bench_vllm_agents.compare(stock, kvttl, SimpleNamespace(json=None, mode=None, model=None, seed=0))
     assert out["jct_speedup"] == pytest.approx(300 / 150)
@@ -184,6 +185,7 @@ def test_agents_compare_reports_both_sides_and_their_ratios(bench_vllm_agents):
     assert out["background_latency_ratio"] == pytest.approx(1.0)  # 20 P against 20 P
     assert out["single_turn_throughput_ratio"] == pytest.approx(0.9)
     assert out["normal_path_hook_share"] == 0.002
+    assert (out["leases_granted"], out["leases_expired"], out["leases_revoked"]) == (4, 1, 1)
     assert out["config"]["seed"] == 0 and "json" not in out["config"]
 
 
