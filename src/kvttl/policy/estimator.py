@@ -75,7 +75,8 @@ class DurationCDF:
         return 1.0 - self(t)
 
     def quantile(self, q: float) -> float:
-        """The smallest support point with F >= q (NaN without support)."""
+        """The smallest support point with F >= q; for a plain sample,
+        numpy's interpolated quantile (NaN without support)."""
         if not len(self.support):
             return math.nan
         if self.cumulative is None:
