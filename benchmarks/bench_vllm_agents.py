@@ -122,6 +122,7 @@ def run_mode(args) -> dict:
         returning = lost = 0  # returning turns, and those whose context was (partly) re-prefilled
         turn_latency = {"kept": [], "lost": []}  # returning turns, arrival to finish, by whether context was lost
         leases_before = dict(connector.stats) if connector is not None else {}
+        revoked_before = dict(connector.kit.revoked_by) if connector is not None else {}
         t0 = time.monotonic()
         for p in range(args.programs):
             programs.append({"id": f"p{p}", "turn": 0, "prompt": [rng.randrange(2048) for _ in range(args.context)],
@@ -175,6 +176,8 @@ def run_mode(args) -> dict:
                     bg_latency.append(time.monotonic() - bg_started.pop(out.request_id))
         jct = [p["done"] - p["start"] for p in programs]
         leases = {k: connector.stats[k] - leases_before.get(k, 0) for k in LEASE_COUNTS} if connector else {}
+        if connector is not None:  # who took the revoked ones (kvttl.kit.REVOCATION_CAUSES)
+            leases["revoked_by"] = {k: n - revoked_before.get(k, 0) for k, n in connector.kit.revoked_by.items()}
         return {"jct": jct, "hit": cached / max(1, prompt_tokens), "bg": bg_latency,
                 "lost": lost / max(1, returning), "leases": leases, "turn_latency": turn_latency}
 
@@ -209,6 +212,8 @@ def run_mode(args) -> dict:
         # how the leases that did not hit ended, median per repeat: their TTL ran out, or memory took them
         result["leases_expired"] = statistics.median(r["leases"]["expired"] for r in results)
         result["leases_revoked"] = statistics.median(r["leases"]["revoked"] for r in results)
+        result["leases_revoked_by"] = {cause: statistics.median(r["leases"]["revoked_by"][cause] for r in results)
+                                       for cause in results[0]["leases"]["revoked_by"]}
         result["prefill_tokens_per_s_learned"] = connector.kit.prefill_tokens_per_s
         result["policy_terms"] = policy_terms(connector.kit, args.context)
         result["hook_share"] = hook_share(llm, single, args)
@@ -541,6 +546,7 @@ def compare(stock: dict, kvttl: dict, args) -> dict:
         "returning_turns_lost_kvttl": out["kvttl"]["returning_turns_lost"],
         "leases_granted": out["kvttl"]["leases_granted"], "lease_hit_share": out["kvttl"]["lease_hit_share"],
         "leases_expired": out["kvttl"]["leases_expired"], "leases_revoked": out["kvttl"]["leases_revoked"],
+        "leases_revoked_by": out["kvttl"]["leases_revoked_by"],
         "prefill_tokens_per_s_learned_by_kvttl": out["kvttl"]["prefill_tokens_per_s_learned"],
         # returning turns' latency (add -> finish, seconds) when their context was kept or lost: a
         # hit's measured worth to its own turn, next to what the TTL policy believes it is worth

@@ -177,7 +177,7 @@ def test_agents_compare_reports_both_sides_and_their_ratios(bench_vllm_agents):
     stock = _side(30.0, 0.1, background_mean_s=2.0, **common)
     kvttl = _side(12.0, 0.08, background_mean_s=1.6, **common | {"tok_s": 90.0}) | {
         "hook_share": [0.001, 0.003, 0.002], "leases_granted": 4, "lease_hit_share": 0.5,
-        "leases_expired": 1, "leases_revoked": 1,
+        "leases_expired": 1, "leases_revoked": 1, "leases_revoked_by": {"engine": 1},
         "prefill_tokens_per_s_learned": 25000.0, "policy_terms": None}
     out = bench_vllm_agents.compare(stock, kvttl, SimpleNamespace(json=None, mode=None, model=None, seed=0))
     assert out["jct_speedup"] == pytest.approx(300 / 150)

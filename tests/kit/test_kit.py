@@ -119,6 +119,32 @@ def test_later_programs_may_not_revoke_earlier_ones_unless_nothing_runs():
     assert [lease.owner for lease in k.revoke(num_leases=1, requester="mid1", idle=True)] == ["old"]
 
 
+def test_the_kit_counts_who_took_each_revoked_lease():
+    """A low hit share on the live bench could not say what took the pins
+    back: an idle engine, a waiting turn, a request without a program, or
+    the engine short of blocks for a running request."""
+    from kvttl.kit import REVOCATION_CAUSES
+
+    k, _, clock = kit()
+    for i, program in enumerate("ABCDE"):
+        k.arrived(f"{program}1", hints(program), arrival=float(i))
+        assert finish(k, f"{program}1", blocks=(i,)).granted
+    k.arrived("Y1", hints("Y"), arrival=0.5)
+
+    def taken(**kw):
+        return [lease.owner for lease in k.revoke(num_leases=1, **kw)]
+
+    assert taken(idle=True) == ["E"]  # nothing runs: the latest program's lease
+    assert taken(requester="Y1") == ["D"]  # a turn takes the lease of a program that arrived after its own
+    assert taken(requester=None, arrival=clock.t, waited_s=0.0) == []  # a new request, not yet past the bound
+    assert taken(requester="bg", arrival=1.5, waited_s=0.0) == ["C"]  # one that arrived before "C" did
+    assert taken() == ["B"]  # vLLM's has_pending_block_frees: no requester named
+    assert k.revoked_by == {"idle": 1, "turn": 1, "request": 1, "engine": 1}
+    assert tuple(k.revoked_by) == REVOCATION_CAUSES
+    assert sum(k.revoked_by.values()) == k.stats["revoked"] == 4
+    k.check_invariants()
+
+
 def test_the_policy_learns_how_each_lease_ended():
     """kvttl prices a pin by its chance of surviving: the kit tells the TTL
     policy how every lease ended, revoked, expired or released."""

@@ -19,12 +19,12 @@ from kvttl.kit.config import CONFIG_KEYS, KitConfig, load_config
 from kvttl.kit.hints import (HINT_ACTION_TYPE, HINT_ACTION_VERSION, HINT_WARNINGS, WarningBudget, make_kv_hints,
                              payload_from_envelope, read_hints)
 from kvttl.kit.host import HOST_TIER_KEYS, HostIndex, host_tier_slots, page_hashes
-from kvttl.kit.lifecycle import LEASE_EVENTS, REFUSAL_REASONS, EngineHooks, EngineKit, FinishOutcome, Turn, hint_report
+from kvttl.kit.lifecycle import LEASE_EVENTS, REFUSAL_REASONS, REVOCATION_CAUSES, EngineHooks, EngineKit, FinishOutcome, Turn, hint_report
 from kvttl.kit.programs import Program, ProgramTable
 from kvttl.kit.waker import DeadlineWaker
 
 __all__ = [
-    "EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS", "hint_report",
+    "EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS", "REVOCATION_CAUSES", "hint_report",
     "KitConfig", "load_config", "CONFIG_KEYS",
     "HINT_ACTION_TYPE", "HINT_ACTION_VERSION", "HINT_WARNINGS", "WarningBudget", "make_kv_hints",
     "payload_from_envelope", "read_hints",

@@ -44,6 +44,13 @@ __all__ = ["EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", 
 #: Lease events the kit counts (``EngineKit.stats``), with the same names in every engine's metrics.
 LEASE_EVENTS = ("granted", "refused", "hit", "expired", "revoked", "released")
 
+#: Who took a revoked lease (``EngineKit.revoked_by``): nothing ran, or the
+#: engine stalled on pins (``idle``); a program's turn that did not fit
+#: (``turn``); a request without a program that did not fit (``request``);
+#: the engine, short of blocks with no waiting request named (``engine``:
+#: vLLM asks before it preempts a running request).
+REVOCATION_CAUSES = ("idle", "turn", "request", "engine")
+
 #: Why a finished turn holds no lease (``FinishOutcome.reason``): the policy
 #: chose no TTL; the pinned-share cap refused the grant; its tenant's pin
 #: share (``config.tenant_pinned_share``) did; the turn left no full block;
@@ -235,6 +242,8 @@ class EngineKit:
         self._sweep_every = min(_SWEEP_EVERY_S, self.config.forget_after_s / 4)
         self._next_sweep = -math.inf
         self.stats = dict.fromkeys(LEASE_EVENTS, 0)
+        #: revoked leases by who took them (REVOCATION_CAUSES); they sum to stats["revoked"]
+        self.revoked_by = dict.fromkeys(REVOCATION_CAUSES, 0)
         #: bumped by every counted event: a reporter that saw this value has nothing new
         self.changes = 0
         self._held = 0  # programs whose lease the engine holds: the table's lease count, kept in Python
@@ -597,6 +606,10 @@ class EngineKit:
             at = self._now(now)
             key = lambda lease: order(lease, at)  # noqa: E731
         result = self.table.revoke(num_blocks, key, num_leases=num_leases, where=where)
+        if result.revoked:
+            cause = ("idle" if idle else "turn" if turn is not None
+                     else "request" if requester is not None or arrival is not None else "engine")
+            self.revoked_by[cause] += len(result.revoked)
         self._ended(result.revoked, "revoked")
         return result.revoked
 
