@@ -732,3 +732,4 @@ class EngineKit:
         assert in_flight == len(self._turns), f"{in_flight} turns counted in flight, {len(self._turns)} known"
         awaiting = {key for key, turn in self._turns.items() if turn.lost_context is not None}
         assert awaiting == self.awaiting_first_token, "turns awaiting their first token disagree"
+        assert sum(self.revoked_by.values()) == self.stats["revoked"], "revocations by cause do not add up"
