@@ -27,8 +27,9 @@ the JCT the result reports what the workload did: the share of returning
 turns that lost context under stock (the pressure created: with none there
 is nothing to gain), the latency of the background requests (traffic
 without a program id) under each, and kvttl's leases granted, the share
-of them that were hit, and how many expired or were revoked. With --ceiling-blocks N two more processes run on an
-N-block pool, large enough that no context is lost: stock, what keeping
+of them that were hit, and how many expired or were revoked (and by whom).
+With --ceiling-blocks N two more processes run on an N-block pool, large
+enough that no context is lost: stock, what keeping
 every context gives without reordering the queue (``ceiling_jct_speedup``,
 in units of P like the rest), and the first --policy, the same under that
 policy: its queue order, and its pins where it grants any
@@ -445,9 +446,12 @@ def over_rounds(judged: list[dict]) -> dict:
     return result
 
 
-def in_p(side: dict) -> float:
-    """A side's mean JCT in units of its own P (seconds where not calibrated)."""
-    return side["mean_jct_s"] / (side["prefill_s"] or 1.0)
+def in_p(side: dict, key: str = "mean_jct_s") -> float:
+    """A side's time ``key`` in units of its own P (seconds where not
+    calibrated). Calibrated, each process ran the workload scaled to its own
+    P, so comparing in units of P keeps one process running faster than
+    another (by up to a third here) out of the ratios."""
+    return side[key] / (side["prefill_s"] or 1.0)
 
 
 def background_ratio(stock: dict, side: dict) -> float | None:
@@ -455,7 +459,7 @@ def background_ratio(stock: dict, side: dict) -> float | None:
     (None when the run had no background traffic: --background-load 0)."""
     if stock["background_mean_s"] is None or side["background_mean_s"] is None:
         return None
-    return (side["background_mean_s"] / (side["prefill_s"] or 1.0)) / (stock["background_mean_s"] / (stock["prefill_s"] or 1.0))
+    return in_p(side, "background_mean_s") / in_p(stock, "background_mean_s")
 
 
 def bound_blocks(args) -> int:
@@ -513,16 +517,9 @@ def ceiling(stock: dict, roomy: dict, blocks: int, policy: str) -> dict:
 def compare(stock: dict, kvttl: dict, args) -> dict:
     """One kvttl side against the stock run."""
     out = {"stock": stock, "kvttl": kvttl}
-    # Calibrated, each process ran the workload scaled to its own P: compare times in units of P, so
-    # that one process running faster than the other (it moves by a third here) does not count.
-    unit = {m: out[m]["prefill_s"] or 1.0 for m in out}
-
-    def ratio(key):
-        return (out["stock"][key] / unit["stock"]) / (out["kvttl"][key] / unit["kvttl"])
-
     return {
         "stock_mean_jct_s": out["stock"]["mean_jct_s"], "kvttl_mean_jct_s": out["kvttl"]["mean_jct_s"],
-        "jct_speedup": ratio("mean_jct_s"),
+        "jct_speedup": in_p(stock) / in_p(kvttl),
         "jct_speedup_raw_seconds": out["stock"]["mean_jct_s"] / out["kvttl"]["mean_jct_s"],
         # each side's P, and the tool sleep and background interval it ran (calibrated: from its P)
         # prefill_after_s: P measured again after the agent runs; far from prefill_s, the machine's
