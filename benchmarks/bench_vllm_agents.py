@@ -213,8 +213,7 @@ def run_mode(args) -> dict:
         # how the leases that did not hit ended, median per repeat: their TTL ran out, or memory took them
         result["leases_expired"] = statistics.median(r["leases"]["expired"] for r in results)
         result["leases_revoked"] = statistics.median(r["leases"]["revoked"] for r in results)
-        result["leases_revoked_by"] = {cause: statistics.median(r["leases"]["revoked_by"][cause] for r in results)
-                                       for cause in results[0]["leases"]["revoked_by"]}
+        result["leases_revoked_share_by"] = revoked_share_by([r["leases"] for r in results])
         result["prefill_tokens_per_s_learned"] = connector.kit.prefill_tokens_per_s
         result["policy_terms"] = policy_terms(connector.kit, args.context)
         result["hook_share"] = hook_share(llm, single, args)
@@ -243,6 +242,17 @@ def lease_hit_share(leases: list[dict]) -> float | None:
     none was granted (a policy that pins nothing has no hit rate, not 0%)."""
     granted = sum(one["granted"] for one in leases)
     return sum(one["hit"] for one in leases) / granted if granted else None
+
+
+def revoked_share_by(leases: list[dict]) -> dict[str, float] | None:
+    """Who took the revoked leases (kvttl.kit.REVOCATION_CAUSES): each
+    cause's share of them, pooled over the repeats so that the shares add
+    up to 1 (per-cause medians need not add up to the median revoked);
+    None where nothing was revoked."""
+    revoked = sum(one["revoked"] for one in leases)
+    if not revoked:
+        return None
+    return {cause: sum(one["revoked_by"][cause] for one in leases) / revoked for cause in leases[0]["revoked_by"]}
 
 
 def p95(values) -> float:
@@ -543,7 +553,7 @@ def compare(stock: dict, kvttl: dict, args) -> dict:
         "returning_turns_lost_kvttl": out["kvttl"]["returning_turns_lost"],
         "leases_granted": out["kvttl"]["leases_granted"], "lease_hit_share": out["kvttl"]["lease_hit_share"],
         "leases_expired": out["kvttl"]["leases_expired"], "leases_revoked": out["kvttl"]["leases_revoked"],
-        "leases_revoked_by": out["kvttl"]["leases_revoked_by"],
+        "leases_revoked_share_by": out["kvttl"]["leases_revoked_share_by"],
         "prefill_tokens_per_s_learned_by_kvttl": out["kvttl"]["prefill_tokens_per_s_learned"],
         # returning turns' latency (add -> finish, seconds) when their context was kept or lost: a
         # hit's measured worth to its own turn, next to what the TTL policy believes it is worth

@@ -177,7 +177,7 @@ def test_agents_compare_reports_both_sides_and_their_ratios(bench_vllm_agents):
     stock = _side(30.0, 0.1, background_mean_s=2.0, **common)
     kvttl = _side(12.0, 0.08, background_mean_s=1.6, **common | {"tok_s": 90.0}) | {
         "hook_share": [0.001, 0.003, 0.002], "leases_granted": 4, "lease_hit_share": 0.5,
-        "leases_expired": 1, "leases_revoked": 1, "leases_revoked_by": {"engine": 1},
+        "leases_expired": 1, "leases_revoked": 1, "leases_revoked_share_by": {"engine": 1.0},
         "prefill_tokens_per_s_learned": 25000.0, "policy_terms": None}
     out = bench_vllm_agents.compare(stock, kvttl, SimpleNamespace(json=None, mode=None, model=None, seed=0))
     assert out["jct_speedup"] == pytest.approx(300 / 150)
@@ -194,6 +194,17 @@ def test_agents_lease_hit_share_pools_the_repeats_and_is_none_without_leases(ben
     assert bench_vllm_agents.lease_hit_share([{"granted": 1, "hit": 1}, {"granted": 9, "hit": 0},
                                               {"granted": 2, "hit": 1}]) == pytest.approx(2 / 12)
     assert bench_vllm_agents.lease_hit_share([{"granted": 0, "hit": 0}] * 3) is None
+
+
+def test_agents_revocations_by_cause_are_shares_pooled_over_the_repeats(bench_vllm_agents):
+    # per-cause medians of (idle 4, turn 5) against a median of 8 revoked read as 9 of 8
+    repeats = [{"revoked": 8, "revoked_by": {"idle": 4, "turn": 4, "request": 0, "engine": 0}},
+               {"revoked": 9, "revoked_by": {"idle": 3, "turn": 5, "request": 1, "engine": 0}},
+               {"revoked": 7, "revoked_by": {"idle": 5, "turn": 2, "request": 0, "engine": 0}}]
+    shares = bench_vllm_agents.revoked_share_by(repeats)
+    assert shares == pytest.approx({"idle": 12 / 24, "turn": 11 / 24, "request": 1 / 24, "engine": 0.0})
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert bench_vllm_agents.revoked_share_by([{"revoked": 0, "revoked_by": {"idle": 0}}] * 2) is None
 
 
 @pytest.mark.parametrize("argv, message", [
