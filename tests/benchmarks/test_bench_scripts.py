@@ -215,3 +215,30 @@ def test_agents_bad_flags_fail_before_any_engine_starts(bench_vllm_agents, argv,
     with pytest.raises(SystemExit):
         bench_vllm_agents.main(argv)
     assert message in capsys.readouterr().err
+
+
+# ---- bench_ttl ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bench_ttl():
+    return _load("bench_ttl")
+
+
+def test_ttl_bench_times_each_learning_policy_and_writes_json(bench_ttl, tmp_path):
+    out = tmp_path / "ttl.json"
+    result = bench_ttl.main(["--warm", "300", "--iters", "20", "--repeats", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    for policy in bench_ttl.POLICIES:
+        assert len(result[policy]["runs_us"]) == 2 and result[policy]["median_us"] > 0
+    assert result["kvttl_over_continuum"] == pytest.approx(result["kvttl"]["median_us"] /
+                                                           result["continuum"]["median_us"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--iters", "0"], "--iters must be at least 1"),
+    (["--warm", "-1"], "--warm must be >= 0"),
+])
+def test_ttl_bench_bad_flags(bench_ttl, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_ttl.main(argv)
+    assert message in capsys.readouterr().err
