@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvttl.errors import BadArgumentError
 from kvttl.policy import (
@@ -193,6 +195,34 @@ def test_window_bounds_memory_and_follows_drift():
         est.observe("a", float(d))
     assert est.cdf("a").support.tolist() == [6.0, 7.0, 8.0, 9.0]
     assert est.tool_mean("a") == 7.5 and est.tool_mean("never") is None
+
+
+# durations drawn from a few values, so that ties are common
+_durations = st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 7.25]) | st.floats(0, 100), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_durations, st.integers(1, 9))
+def test_window_holds_the_last_samples_sorted(durations, window):
+    # the window keeps a numpy array it shifts in place: it must hold what sorting the tail would
+    est = ToolDurationEstimator(min_samples=1, window=window)
+    for d in durations:
+        est.observe("a", d)
+        assert est._tools["a"].cdf().support.tolist() == sorted(est._tools["a"].order)
+    assert est._global.cdf().support.tolist() == sorted(durations[-window:])
+
+
+@settings(max_examples=200, deadline=None)
+@given(_durations.filter(len), _durations, st.floats(0.1, 50))
+def test_at_support_counts_ties_to_the_last_equal_point(first, second, weight):
+    # at_support finds each run of equal points in one pass; F by definition is a search per point
+    plain = DurationCDF(np.sort(np.asarray(first)))
+    cdfs = [plain]
+    if second:
+        cdfs.append(DurationCDF.mixture([(weight, plain), (len(second), DurationCDF(np.sort(np.asarray(second))))]))
+    for cdf in cdfs:
+        by_search = [cdf(t) for t in cdf.support]
+        assert cdf.at_support().tolist() == by_search
 
 
 def test_unknown_tool_names_are_bounded():

@@ -3,7 +3,6 @@ delay an eviction costs, and how much of it pinning can save (eta)."""
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import OrderedDict, deque
 
@@ -53,7 +52,7 @@ class DurationCDF:
         n = len(self.support)
         if self.cumulative is None:
             return np.full(n, 1.0 / n)
-        return np.diff(self.cumulative, prepend=0.0)
+        return _steps(self.cumulative, 0.0)
 
     def _at_index(self, index: np.ndarray | int):
         """F at the support point before ``index`` (0 before the first)."""
@@ -68,8 +67,18 @@ class DurationCDF:
         return float(self._at_index(int(np.searchsorted(self.support, t, side="right"))))
 
     def at_support(self) -> np.ndarray:
-        """F at each support point, ties counted to the last equal sample."""
-        return self._at_index(np.searchsorted(self.support, self.support, side="right"))
+        """F at each support point, ties counted to the last equal sample.
+        By runs of equal points, in one pass: a blended estimate holds each
+        of a tool's returns twice (in its own window and in all tools'), so
+        ties are the rule there, and a search per point cost more than the
+        rest of the decision."""
+        support, n = self.support, len(self.support)
+        distinct = support[1:] != support[:-1]
+        if distinct.all():  # F counted to each point
+            return np.arange(1, n + 1) / n if self.cumulative is None else self.cumulative
+        run_ends = np.flatnonzero(np.append(distinct, True))
+        at_ends = (run_ends + 1) / n if self.cumulative is None else self.cumulative[run_ends]
+        return np.repeat(at_ends, _steps(run_ends, -1))
 
     def survival(self, t: float) -> float:
         return 1.0 - self(t)
@@ -90,25 +99,47 @@ class DurationCDF:
         return float(self.support.mean() if self.cumulative is None else self.masses() @ self.support)
 
 
+def _steps(values: np.ndarray, before) -> np.ndarray:
+    """``np.diff(values, prepend=before)``, the same numbers, without the
+    concatenation that made it the costliest step of a TTL decision."""
+    steps = values.copy()
+    if len(steps):
+        steps[0] -= before
+        steps[1:] -= values[:-1]
+    return steps
+
+
 class _Window:
     """The last ``size`` samples, kept both in arrival order (to drop the
-    oldest) and sorted (for the CDF): O(size) per insert via bisect, which at
-    the default size of 1024 is cheaper than any sketch in Python."""
+    oldest) and sorted (for the CDF). The sorted copy is a numpy array that
+    an insert shifts in place, O(size) memmove, so the CDF that every
+    return asks for again is one copy of it, not a conversion of a list of
+    Python floats (which cost more than the rest of a TTL decision). Its
+    capacity doubles as samples arrive, so a tool seen once holds one slot,
+    not ``size``."""
 
-    __slots__ = ("order", "sorted", "size", "_cache")
+    __slots__ = ("order", "_sorted", "size", "_cache")
 
     def __init__(self, size: int):
         self.order: deque[float] = deque()
-        self.sorted: list[float] = []
+        self._sorted = np.empty(min(size + 1, 8), dtype=np.float64)  # + 1: room to insert before dropping
         self.size = size
         self._cache: DurationCDF | None = None
 
     def add(self, x: float) -> None:
+        n = len(self.order)
+        if n == len(self._sorted):
+            grown = np.empty(min(2 * n, self.size + 1), dtype=np.float64)
+            grown[:n] = self._sorted
+            self._sorted = grown
+        held = self._sorted
+        at = int(held[:n].searchsorted(x, side="right"))
+        held[at + 1:n + 1] = held[at:n]
+        held[at] = x
         self.order.append(x)
-        bisect.insort(self.sorted, x)
-        if len(self.order) > self.size:
-            old = self.order.popleft()
-            del self.sorted[bisect.bisect_left(self.sorted, old)]
+        if n + 1 > self.size:
+            gone = int(held[:n + 1].searchsorted(self.order.popleft(), side="left"))
+            held[gone:n] = held[gone + 1:n + 1]
         self._cache = None
 
     def __len__(self) -> int:
@@ -116,7 +147,7 @@ class _Window:
 
     def cdf(self) -> DurationCDF:
         if self._cache is None:
-            self._cache = DurationCDF(np.asarray(self.sorted, dtype=np.float64))
+            self._cache = DurationCDF(self._sorted[:len(self.order)].copy())
         return self._cache
 
     def mean(self) -> float:
