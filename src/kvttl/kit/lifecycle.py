@@ -26,6 +26,7 @@ passes an agreed ``now``.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from typing import Callable, Hashable, NamedTuple, Protocol
 
@@ -169,6 +170,47 @@ def hint_report(errors: list[str]) -> dict:
 _HELD = object()  # stands for a hold whose engine handle is None
 
 
+def _finite(name: str, value):
+    """``value`` if it is a finite number of seconds; else BadArgumentError naming ``name``."""
+    if not isinstance(value, (str, bytes, bool)):
+        try:
+            if math.isfinite(value):
+                return value
+        except (TypeError, ValueError, OverflowError):
+            pass
+    raise BadArgumentError(f"{name} must be a finite number of seconds, got {value!r:.40}")
+
+
+def _count_of(name: str, value, most: int | None = None) -> int:
+    """``value`` as an int in [0, most]; else BadArgumentError naming ``name``."""
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise BadArgumentError(f"{name} must be an int, got {value!r:.40}") from None
+    if count < 0 or (most is not None and count > most):
+        raise BadArgumentError(f"{name} must be between 0 and {'any' if most is None else most}, got {count}")
+    return count
+
+
+def _program_id(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise BadArgumentError(f"program_id must be a str or an int (TurnHints.program_id), got {value!r:.40}")
+
+
+def _all_then_raise(items, action) -> None:
+    """``action`` on every item, even when one raises (an engine hook); then
+    the first exception is raised again. The kit's own bookkeeping for each
+    item is done before its hook runs, so a failing hook loses no other."""
+    failure = None
+    for item in items:
+        try:
+            action(item)
+        except Exception as e:  # noqa: PERF203 -- rare, and the rest must still run
+            failure = failure or e
+    if failure is not None:
+        raise failure
+
+
 class EngineKit:
     """Programs, leases and the turn lifecycle for one engine.
 
@@ -262,7 +304,7 @@ class EngineKit:
         return self.policy.offload if self.policy.offload != "none" else "on_unpin"
 
     def _now(self, now: float | None) -> float:
-        return self.clock() if now is None else now
+        return self.clock() if now is None else _finite("now", now)
 
     # ---- the lifecycle ---------------------------------------------------------------
     def arrived(self, key: Hashable, hints: TurnHints | None, *, prompt_tokens: int | None = None,
@@ -274,7 +316,14 @@ class EngineKit:
         program's last context marks a fresh context (a compaction)."""
         if hints is None:
             return None
+        if not isinstance(hints, TurnHints):
+            raise BadArgumentError(f"hints must be TurnHints (kvttl.kit.read_hints makes them) or None, "
+                                   f"got {type(hints).__name__}")
         now = self._now(now)
+        if arrival is not None:
+            _finite("arrival", arrival)
+        if prompt_tokens is not None:
+            _count_of("prompt_tokens", prompt_tokens)
         program_id = hints.key
         program = self.programs.get(program_id)
         if program is None:
@@ -366,11 +415,20 @@ class EngineKit:
         output); ``free_blocks``: what the engine could allocate right now;
         ``pin_ref``: what :meth:`EngineHooks.pin` and ``copy_out`` get;
         ``tool``: the tool, when the engine read it from the output and the
-        client did not say. None for a request the kit does not know."""
-        turn = self._turns.pop(key, None)
+        client did not say. None for a request the kit does not know. A bad
+        argument raises BadArgumentError before anything changed: the turn
+        is still in flight, for a call with the right ones."""
+        turn = self._turns.get(key)
         if turn is None:
             return None
         now = self._now(now)
+        blocks = self._block_ids(blocks)
+        num_tokens = _count_of("num_tokens", num_tokens)
+        free_blocks = _count_of("free_blocks", free_blocks, self.num_blocks)
+        if len(blocks) * self.block_size > num_tokens + self.block_size - 1:
+            raise BadArgumentError(f"num_tokens: {len(blocks)} full blocks of {self.block_size} tokens hold more "
+                                   f"than the turn's {num_tokens} tokens")
+        del self._turns[key]
         if turn.lost_context is not None:
             if aborted:
                 turn.lost_context = None
@@ -386,7 +444,7 @@ class EngineKit:
             program.attained_s += now - turn.admitted_at
         if now >= self._next_sweep:
             self._next_sweep = now + self._sweep_every
-            self.programs.forget_idle(now)
+            self.programs.forget_idle(now, keep=program_id)  # this one may be granted a lease below
         # (an engine's tool comes from the model's output: one the lease table would refuse is no tool)
         tool = hints.tool or (tool if tool and is_tool_name(tool) else "")
         if hints.last_turn or aborted:
@@ -416,6 +474,8 @@ class EngineKit:
             hint_ttl_s=hint_ttl, free_fraction=free_blocks / self.num_blocks,
             used_tokens=(self.num_blocks - free_blocks) * bs)
         ttl = min(self.policy.ttl.ttl(context), max_ttl)
+        if clamped_from and ttl != hint_ttl:
+            clamped_from = 0.0  # the policy chose its own TTL: the clamp is nothing the client got
         granted, reason, lease_id = False, "policy", 0
         if ttl > 0 and num_blocks and not self._tenant_has_room(program, num_blocks):
             reason = "tenant_cap"
@@ -441,6 +501,17 @@ class EngineKit:
             self.hooks.copy_out(pin_ref)
         return FinishOutcome(granted, reason, float(ttl), lease_id, num_blocks if granted else 0,
                              copied and bool(num_blocks), tool, clamped_from)
+
+    def _block_ids(self, blocks) -> list[int]:
+        """The ids as ints in [0, num_blocks), or BadArgumentError naming ``blocks``."""
+        try:
+            ids = list(map(operator.index, blocks))
+        except TypeError:
+            raise BadArgumentError(f"blocks must be a sequence of block ids (ints), got {blocks!r:.60}") from None
+        if ids and (min(ids) < 0 or max(ids) >= self.num_blocks):
+            bad = next(i for i in ids if not 0 <= i < self.num_blocks)
+            raise BadArgumentError(f"blocks: id {bad} is not a block of this engine (0 to {self.num_blocks - 1})")
+        return ids
 
     def _tenant_has_room(self, program: Program, num_blocks: int) -> bool:
         """Whether a lease of ``num_blocks`` for ``program`` keeps its tenant
@@ -472,8 +543,8 @@ class EngineKit:
         self._tenant_count(program, num_blocks - (program.pinned_blocks if old is not None else 0))
         program.pinned_blocks = num_blocks
         if old is not None:
-            self.hooks.unpin(None if old is _HELD else old, reason="released", copy_out=False)
             self._count("released")
+            self.hooks.unpin(None if old is _HELD else old, reason="released", copy_out=False)
         else:
             self._held += 1
 
@@ -483,20 +554,23 @@ class EngineKit:
         self._tenant_count(program, -program.pinned_blocks)
         program.pinned_blocks = 0
         self._held -= 1
-        copy_out = reason != "released" and self.offload_mode == "on_unpin"
-        self.hooks.unpin(None if handle is _HELD else handle, reason=reason, copy_out=copy_out)
         self._count(reason)
         self.policy.ttl.on_lease_ended(reason)
+        # last: when the engine's hook raises, the kit's books are already right
+        copy_out = reason != "released" and self.offload_mode == "on_unpin"
+        self.hooks.unpin(None if handle is _HELD else handle, reason=reason, copy_out=copy_out)
 
     def _count(self, event: str) -> None:
         self.stats[event] += 1
         self.changes += 1
 
     def _ended(self, leases, reason: str) -> None:
-        for lease in leases:
+        def gone(lease):
             program = self.programs.get(lease.owner)
             if program is not None and program.pin is not None:
                 self._lease_gone(program, reason)
+
+        _all_then_raise(leases, gone)
 
     # ---- what the engine's work costs -------------------------------------------------
     def observe_step(self, num_tokens: int, seconds: float) -> None:
@@ -660,10 +734,12 @@ class EngineKit:
 
     def has_lease(self, program_id: Hashable, *, tenant: str = "") -> bool:
         """Whether the program ``program_id`` of ``tenant`` holds a lease."""
+        _program_id(program_id)
         program = self.programs.get(program_key(program_id, tenant))
         return program is not None and program.pin is not None
 
     def lease_of(self, program_id: Hashable, *, tenant: str = ""):
+        _program_id(program_id)
         return self.table.get(program_key(program_id, tenant))
 
     def tenant_pinned_blocks(self, tenant: str = "") -> int:
@@ -689,6 +765,7 @@ class EngineKit:
     def release(self, program_id: Hashable, *, tenant: str = "") -> bool:
         """The program's lease goes now, without a copy out (a router sent its
         next turn to another replica). Whether it held one."""
+        _program_id(program_id)
         program = self.programs.get(program_key(program_id, tenant))
         if program is None or program.pin is None:
             return False
@@ -699,9 +776,12 @@ class EngineKit:
     def release_all(self) -> int:
         """Every lease goes (engine shutdown); returns how many."""
         held = [p for p in self.programs if p.pin is not None]
-        for program in held:
+
+        def release(program):
             self.table.release(program.program_id)
             self._lease_gone(program, "released")
+
+        _all_then_raise(held, release)
         return len(held)
 
     def reset(self) -> None:

@@ -75,23 +75,26 @@ class ProgramTable:
         self._programs.move_to_end(program.program_id)
 
     def add(self, program_id: Hashable, first_arrival: float, now: float) -> Program:
+        """A new program; room is made first, so the rule never forgets the
+        program it is adding (idle until its turn is counted in flight)."""
+        if len(self._programs) >= self.max_programs:
+            self.forget_idle(now, room=1)
         program = self._programs[program_id] = Program(program_id, first_arrival, now)
-        if len(self._programs) > self.max_programs:
-            self.forget_idle(now)
         return program
 
     def remove(self, program_id: Hashable) -> None:
         self._programs.pop(program_id, None)
 
-    def forget_idle(self, now: float) -> int:
-        """Applies the rule; returns how many programs were forgotten."""
+    def forget_idle(self, now: float, *, room: int = 0, keep: Hashable | None = None) -> int:
+        """Applies the rule, leaving ``room`` for programs about to be added
+        and never forgetting ``keep``; returns how many were forgotten."""
         quiet_before = now - self.forget_after_s
-        over = len(self._programs) - self.max_programs
+        over = len(self._programs) + room - self.max_programs
         gone = []
         for program in self._programs.values():
             if over <= 0 and program.last_seen >= quiet_before:
                 break  # the rest are more recent still
-            if program.idle:
+            if program.idle and program.program_id != keep:
                 gone.append(program.program_id)
                 over -= 1
         for program_id in gone:
