@@ -88,24 +88,70 @@ def program_key(program_id: str | int, tenant: str = "") -> str | int:
     return f"\0{scope}\0{'i' if isinstance(program_id, int) else 's'}{program_id}"
 
 
+def _check_program_id(_, __, program) -> None:
+    if isinstance(program, bool) or not isinstance(program, (str, int)):
+        raise BadArgumentError(f"program_id must be a non-empty str or an int, got {program!r}")
+    if isinstance(program, str) and not program.strip():
+        raise BadArgumentError(f"program_id must be a non-empty str or an int, got "
+                               f"{'a blank' if program else 'an empty'} string")
+    if isinstance(program, int) and not -(2**63) <= program < 2**63:
+        raise BadArgumentError(f"program_id {program!r} does not fit in 64 bits")
+    if isinstance(program, str) and _utf8_len(program) > MAX_PROGRAM_ID_BYTES:
+        raise BadArgumentError(f"program_id must be valid UTF-8 of at most {MAX_PROGRAM_ID_BYTES} bytes, "
+                               f"got {program[:32]!r}... ({len(program)} characters)")
+    if isinstance(program, str) and CONTROL_CHARACTERS.search(program):
+        raise BadArgumentError(f"program_id must not hold control characters, got {program[:32]!r}")
+
+
+def _check_tool(_, __, tool) -> None:
+    if tool != "" and not is_tool_name(tool):
+        raise BadArgumentError(f"tool must be a str of valid UTF-8 of at most {MAX_TOOL_BYTES} bytes without "
+                               f"control characters, got {tool!r:.40}")
+
+
+def _check_ttl(_, __, ttl) -> None:
+    if ttl is None:
+        return
+    if isinstance(ttl, str):
+        raise BadArgumentError(f"ttl_s must be seconds (a number) or None, got {ttl!r:.40}; "
+                               "parse_ttl reads a client's '30s'")
+    try:
+        parse_ttl(ttl)
+    except BadArgumentError as e:
+        raise BadArgumentError(f"ttl_s: {e}") from None
+
+
+def _check_flag(_, attribute, value) -> None:
+    if not isinstance(value, bool):
+        raise BadArgumentError(f"{attribute.name} must be a bool, got {value!r:.40}")
+
+
+def _check_str(_, attribute, value) -> None:
+    if not isinstance(value, str):
+        raise BadArgumentError(f"{attribute.name} must be a str, got {value!r:.40}")
+
+
 @attrs.frozen
 class TurnHints:
-    """One request's program hints, validated. ``warnings`` lists the hints
-    that were dropped (a bad TTL never fails the request: it is ignored).
-    ``tenant`` is the engine's cache-isolation key for the request, set by
-    the adapter, never by the client's hints; ``key`` is the program's
-    key inside kvttl (:func:`program_key`)."""
+    """One request's program hints, validated: constructing one with a bad
+    field raises BadArgumentError naming it, whoever builds it (a client's
+    hints go through ``parse_turn_hints``, where a bad TTL, tool or
+    ``last_turn`` is dropped with a warning instead). ``warnings`` lists
+    the hints that were dropped (a bad TTL never fails the request: it is
+    ignored). ``tenant`` is the engine's cache-isolation key for the
+    request, set by the adapter, never by the client's hints; ``key`` is the
+    program's key inside kvttl (:func:`program_key`)."""
 
-    program_id: str | int
-    tool: str = ""
-    last_turn: bool = False
-    ttl_s: float | None = None
-    warnings: tuple[str, ...] = ()
-    tenant: str = ""
+    program_id: str | int = attrs.field(validator=_check_program_id)
+    tool: str = attrs.field(default="", validator=_check_tool)
+    last_turn: bool = attrs.field(default=False, validator=_check_flag)
+    ttl_s: float | None = attrs.field(default=None, validator=_check_ttl)
+    warnings: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    tenant: str = attrs.field(default="", validator=_check_str)
     #: the part of the tenant a gateway vouches for, which per-tenant pin
     #: shares count by ("" : the whole tenant); a client that picks its own
     #: cache_salt must not get a fresh share with each one
-    quota: str = ""
+    quota: str = attrs.field(default="", validator=_check_str)
 
     @property
     def key(self) -> str | int:
@@ -136,10 +182,20 @@ def is_tool_name(name) -> bool:
     return isinstance(name, str) and _utf8_len(name) <= MAX_TOOL_BYTES and not CONTROL_CHARACTERS.search(name)
 
 
-def _truthy(value) -> bool:
+_YES = ("1", "true", "yes", "on")
+_NO = ("0", "false", "no", "off", "")
+
+
+def _yes_or_no(value) -> bool | None:
+    """A client's flag: a bool, 0 or 1, or a yes/no word; None for anything else."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return {0: False, 1: True}.get(value)
     if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+        word = value.strip().lower()
+        return True if word in _YES else False if word in _NO else None
+    return None
 
 
 def parse_turn_hints(payload: Mapping | None, *, tenant: str = "", quota: str = "") -> TurnHints | None:
@@ -155,17 +211,7 @@ def parse_turn_hints(payload: Mapping | None, *, tenant: str = "", quota: str = 
     program = payload.get("program_id")
     if program is None:
         return None
-    if isinstance(program, bool) or not isinstance(program, (str, int)):
-        raise BadArgumentError(f"program_id must be a non-empty str or an int, got {program!r}")
-    if isinstance(program, str) and not program.strip():
-        raise BadArgumentError("program_id must be a non-empty str or an int, got an empty string")
-    if isinstance(program, int) and not -(2**63) <= program < 2**63:
-        raise BadArgumentError(f"program_id {program!r} does not fit in 64 bits")
-    if isinstance(program, str) and _utf8_len(program) > MAX_PROGRAM_ID_BYTES:
-        raise BadArgumentError(f"program_id must be valid UTF-8 of at most {MAX_PROGRAM_ID_BYTES} bytes, "
-                               f"got {program[:32]!r}... ({len(program)} characters)")
-    if isinstance(program, str) and CONTROL_CHARACTERS.search(program):
-        raise BadArgumentError(f"program_id must not hold control characters, got {program[:32]!r}")
+    _check_program_id(None, None, program)
     warnings = []
     ttl = None
     if payload.get("ttl") is not None:
@@ -181,7 +227,11 @@ def parse_turn_hints(payload: Mapping | None, *, tenant: str = "", quota: str = 
         warnings.append(f"tool ignored: must be valid UTF-8 of at most {MAX_TOOL_BYTES} bytes without control "
                         f"characters, got {tool[:32]!r}")
         tool = None
-    return TurnHints(program_id=program, tool=tool or "", last_turn=_truthy(payload.get("last_turn", False)),
+    last_turn = _yes_or_no(payload.get("last_turn", False))
+    if last_turn is None:
+        warnings.append(f"last_turn ignored: must be true or false, got {payload.get('last_turn')!r:.40}")
+        last_turn = False
+    return TurnHints(program_id=program, tool=tool or "", last_turn=last_turn,
                      ttl_s=ttl, warnings=tuple(warnings), tenant=str(tenant) if tenant else "",
                      quota=str(quota) if quota else "")
 
