@@ -97,7 +97,10 @@ CONFIG_KEYS = tuple(f.name for f in attrs.fields(KitConfig))
 
 def _number(source: str, key: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False,
             integer: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    except OverflowError:  # an int past any float
+        ok = False
     if ok and integer:
         ok = isinstance(value, int) or float(value).is_integer()
     ok = ok and (value > low if low_open else value >= low) and value <= high
@@ -152,7 +155,10 @@ def load_config(given: Mapping | None, *, source: str = "kvttl config",
     if "policy" in values:
         if not isinstance(values["policy"], str):
             raise BadArgumentError(f"{source}: policy must be a policy name, got {values['policy']!r}")
-        get_policy(values["policy"])  # an unknown name fails here, listing the known ones
+        try:
+            get_policy(values["policy"])  # an unknown name fails here, listing the known ones
+        except BadArgumentError as e:
+            raise BadArgumentError(f"{source}: policy: {e}") from None
     if "pinned_share_cap" in values:
         values["pinned_share_cap"] = _number(source, "pinned_share_cap", values["pinned_share_cap"], low=0.0, high=1.0)
     if "reload_tokens_per_s" in values:
