@@ -205,3 +205,22 @@ def test_config_errors_name_the_key(given, message):
 
     with pytest.raises(BadArgumentError, match=message):
         load_config(given)
+
+
+def test_a_hint_with_a_typo_is_a_warning_not_silence():
+    # was: {"programId": ...} took the normal path and {"ttl_s": 5} was dropped, both without a word
+    parsed = parse_turn_hints({"program_id": "A", "ttl_s": 5, "tool": "bash"})
+    assert parsed.tool == "bash" and parsed.ttl_s is None
+    assert parsed.warnings == ("unknown hint 'ttl_s' ignored; known: program_id, tool, last_turn, ttl",)
+    with pytest.raises(BadArgumentError, match="without a program_id.*'programId'"):
+        parse_turn_hints({"programId": "A", "ttl": "5s"})
+
+
+def test_hints_without_a_program_id_are_reported_to_the_client():
+    import logging
+
+    from kvttl.kit import hint_report, read_hints
+
+    errors = []
+    assert read_hints({"tool": "bash"}, log=logging.getLogger("kvttl.test"), errors=errors) is None
+    assert hint_report(errors)["reason"] == "hint_invalid" and "program_id" in errors[0]

@@ -475,7 +475,8 @@ from kvttl.policy import parse_turn_hints, tool_from_output  # noqa: E402
 def test_turn_hints_parse_and_validate():
     h = parse_turn_hints({"program_id": "agent-1", "tool": "bash", "last_turn": "true", "ttl": "5m"})
     assert (h.program_id, h.tool, h.last_turn, h.ttl_s, h.warnings) == ("agent-1", "bash", True, 300.0, ())
-    assert parse_turn_hints({"tool": "bash"}) is None and parse_turn_hints(None) is None
+    assert parse_turn_hints({}) is None and parse_turn_hints(None) is None
+    assert parse_turn_hints({"program_id": None}) is None  # no program: the normal path
     h = parse_turn_hints({"program_id": 7, "ttl": "-1s", "tool": 5})
     assert h.ttl_s is None and h.tool == "" and len(h.warnings) == 2 and "ttl ignored" in h.warnings[0]
     for bad, match in [({"program_id": True}, "program_id"), ({"program_id": " "}, "empty"),

@@ -182,6 +182,9 @@ def is_tool_name(name) -> bool:
     return isinstance(name, str) and _utf8_len(name) <= MAX_TOOL_BYTES and not CONTROL_CHARACTERS.search(name)
 
 
+#: what a client's turn hints may hold
+_HINT_FIELDS = ("program_id", "tool", "last_turn", "ttl")
+
 _YES = ("1", "true", "yes", "on")
 _NO = ("0", "false", "no", "off", "")
 
@@ -209,10 +212,14 @@ def parse_turn_hints(payload: Mapping | None, *, tenant: str = "", quota: str = 
     if not isinstance(payload, Mapping):
         raise BadArgumentError(f"kvttl hints must be a mapping, got {type(payload).__name__}")
     program = payload.get("program_id")
+    unknown = sorted(repr(k)[:40] for k in payload if k not in _HINT_FIELDS)
     if program is None:
+        if unknown or len(payload) > ("program_id" in payload):
+            raise BadArgumentError(f"kvttl hints without a program_id are ignored; got "
+                                   f"{', '.join(sorted(repr(k)[:40] for k in payload)[:8])}")
         return None
     _check_program_id(None, None, program)
-    warnings = []
+    warnings = [f"unknown hint {name} ignored; known: {', '.join(_HINT_FIELDS)}" for name in unknown[:8]]
     ttl = None
     if payload.get("ttl") is not None:
         try:
