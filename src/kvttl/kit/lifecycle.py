@@ -188,7 +188,8 @@ def _count_of(name: str, value, most: int | None = None) -> int:
     except TypeError:
         raise BadArgumentError(f"{name} must be an int, got {value!r:.40}") from None
     if count < 0 or (most is not None and count > most):
-        raise BadArgumentError(f"{name} must be between 0 and {'any' if most is None else most}, got {count}")
+        raise BadArgumentError(f"{name} must be " + (f"between 0 and {most}" if most is not None else ">= 0")
+                               + f", got {count}")
     return count
 
 

@@ -90,7 +90,7 @@ def program_key(program_id: str | int, tenant: str = "") -> str | int:
 
 def _check_program_id(_, __, program) -> None:
     if isinstance(program, bool) or not isinstance(program, (str, int)):
-        raise BadArgumentError(f"program_id must be a non-empty str or an int, got {program!r}")
+        raise BadArgumentError(f"program_id must be a non-empty str or an int, got {program!r:.40}")
     if isinstance(program, str) and not program.strip():
         raise BadArgumentError(f"program_id must be a non-empty str or an int, got "
                                f"{'a blank' if program else 'an empty'} string")
@@ -204,8 +204,11 @@ def _yes_or_no(value) -> bool | None:
 def parse_turn_hints(payload: Mapping | None, *, tenant: str = "", quota: str = "") -> TurnHints | None:
     """TurnHints from a mapping with ``program_id`` (str or 64-bit int),
     optional ``tool``, ``last_turn`` and ``ttl``. None when there is no
-    program id: the request takes the engine's normal path. Raises
-    BadArgumentError naming the field when the program id itself is unusable.
+    program id and nothing else: the request takes the engine's normal
+    path. Raises BadArgumentError naming the field when the program id
+    itself is unusable, or missing beside other hints (``programId``: a
+    typo the client must hear of). Other fields it does not know, and bad
+    values of the optional ones, are dropped into ``warnings``.
     ``tenant``: the request's cache-isolation key (see :func:`program_key`)."""
     if payload is None:
         return None
@@ -214,7 +217,7 @@ def parse_turn_hints(payload: Mapping | None, *, tenant: str = "", quota: str = 
     program = payload.get("program_id")
     unknown = sorted(repr(k)[:40] for k in payload if k not in _HINT_FIELDS)
     if program is None:
-        if unknown or len(payload) > ("program_id" in payload):
+        if len(payload) > ("program_id" in payload):  # hints, but for no program: a typo, say so
             raise BadArgumentError(f"kvttl hints without a program_id are ignored; got "
                                    f"{', '.join(sorted(repr(k)[:40] for k in payload)[:8])}")
         return None
