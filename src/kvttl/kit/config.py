@@ -109,7 +109,7 @@ def _number(source: str, key: str, value: Any, *, low: float, high: float = math
         bound = f"> {low:g}" if low_open else f">= {low:g}"
         if high != math.inf:
             bound += f" and <= {high:g}"
-        raise BadArgumentError(f"{source}: {key} must be {kind} {bound}, got {value!r}")
+        raise BadArgumentError(f"{source}: {key} must be {kind} {bound}, got {value!r:.40}")
     return int(value) if integer else float(value)
 
 
