@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from kvttl.errors import BadArgumentError
+from kvttl.errors import BadArgumentError, KvttlError
 from kvttl.policy import TurnHints, parse_turn_hints
 
 from .test_kit import Engine, finish, hints, kit
@@ -99,9 +99,10 @@ def test_a_stamp_that_is_not_a_finite_number_is_refused(bad):
 
 @pytest.mark.parametrize("call, message", [
     (dict(blocks=None), "blocks"),
-    (dict(blocks=[0, 999]), "blocks"),
-    (dict(blocks=[-1]), "blocks"),
-    (dict(blocks=[1.5]), "blocks"),
+    (dict(blocks=[0, 999]), "finished: blocks: .*999"),
+    (dict(blocks=[-1]), "finished: blocks: .*-1"),
+    (dict(blocks=[1.5]), "finished: blocks: .*float"),
+    (dict(blocks=[1, 1]), "finished: blocks: .*more than once"),
     (dict(blocks=[1, 2, 3, 4, 5, 6], num_tokens=1), "num_tokens"),
     (dict(num_tokens=-1), "num_tokens"),
     (dict(num_tokens=math.nan), "num_tokens"),
@@ -115,7 +116,7 @@ def test_a_finish_with_a_bad_argument_raises_and_keeps_the_turn(call, message):
     k.arrived("a1", hints("A"))
     k.admitted("a1", device_hit_tokens=0)
     args = dict(blocks=[1, 2, 3], num_tokens=53, free_blocks=20, pin_ref="a1") | call
-    with pytest.raises(BadArgumentError, match=message):
+    with pytest.raises(KvttlError, match=message):  # BadArgumentError, or UnknownBlockError for an id
         k.finished("a1", **args)
     assert k.num_turns_in_flight == 1 and k.programs.get("A").num_turns == 0 and k.num_leases == 0
     assert finish(k, "a1").granted

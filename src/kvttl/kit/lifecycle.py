@@ -417,20 +417,23 @@ class EngineKit:
         ``pin_ref``: what :meth:`EngineHooks.pin` and ``copy_out`` get;
         ``tool``: the tool, when the engine read it from the output and the
         client did not say. None for a request the kit does not know. A bad
-        argument raises BadArgumentError before anything changed: the turn
-        is still in flight, for a call with the right ones."""
+        argument raises before anything changed (BadArgumentError; the lease
+        table's UnknownBlockError for an id outside the pool): the turn is
+        still in flight, for a call with the right ones."""
         turn = self._turns.get(key)
         if turn is None:
             return None
         now = self._now(now)
-        blocks = self._block_ids(blocks)
         num_tokens = _count_of("num_tokens", num_tokens)
         free_blocks = _count_of("free_blocks", free_blocks, self.num_blocks)
-        if len(blocks) * self.block_size > num_tokens + self.block_size - 1:
-            raise BadArgumentError(f"num_tokens: {len(blocks)} full blocks of {self.block_size} tokens hold more "
+        try:
+            num_blocks = len(blocks)
+        except TypeError:
+            raise BadArgumentError(f"blocks must be a sequence of block ids, got {blocks!r:.40}") from None
+        if num_blocks * self.block_size > num_tokens + self.block_size - 1:
+            raise BadArgumentError(f"num_tokens: {num_blocks} full blocks of {self.block_size} tokens hold more "
                                    f"than the turn's {num_tokens} tokens")
-        del self._turns[key]
-        if turn.lost_context is not None:
+        if turn.lost_context is not None:  # (once: a retry after a raise finds it reported)
             if aborted:
                 turn.lost_context = None
                 self.awaiting_first_token.discard(key)
@@ -438,17 +441,10 @@ class EngineKit:
                 self._report_first_token(key, turn, now)
         program, hints = turn.program, turn.hints
         program_id = program.program_id
-        program.in_flight -= 1
-        program.num_turns += 1
-        self.programs.touch(program, now)
-        if turn.admitted_at is not None and not turn.service_reported:
-            program.attained_s += now - turn.admitted_at
-        if now >= self._next_sweep:
-            self._next_sweep = now + self._sweep_every
-            self.programs.forget_idle(now, keep=program_id)  # this one may be granted a lease below
         # (an engine's tool comes from the model's output: one the lease table would refuse is no tool)
         tool = hints.tool or (tool if tool and is_tool_name(tool) else "")
         if hints.last_turn or aborted:
+            self._retire(key, turn, now)
             if program.pin is not None:
                 self.table.release(program_id)
                 self._lease_gone(program, "released")
@@ -459,8 +455,6 @@ class EngineKit:
             if program.in_flight == 0:
                 self.programs.remove(program_id)
             return FinishOutcome(False, "aborted" if aborted else "last_turn", tool=tool)
-        program.finished_at, program.tool, program.context_tokens = now, tool, num_tokens
-        num_blocks = len(blocks)
         bs = self.block_size
         if self.step_costs is not None:
             self._refresh_reload()
@@ -477,19 +471,27 @@ class EngineKit:
         ttl = min(self.policy.ttl.ttl(context), max_ttl)
         if clamped_from and ttl != hint_ttl:
             clamped_from = 0.0  # the policy chose its own TTL: the clamp is nothing the client got
+        wanted = ttl > 0 and num_blocks
+        room = wanted and self._tenant_has_room(program, num_blocks)
+        grant = None
+        if room:
+            try:  # the table checks the ids first, and changes nothing when one is wrong
+                grant = self.table.grant(program_id, blocks, ttl, tool=tool, num_tokens=num_tokens,
+                                         priority=program.first_arrival, now=now)
+            except kvttl.KvttlError as e:
+                raise type(e)(f"finished: blocks: {e}") from None  # the turn is still in flight
+        self._retire(key, turn, now, tool, num_tokens)
         granted, reason, lease_id = False, "policy", 0
-        if ttl > 0 and num_blocks and not self._tenant_has_room(program, num_blocks):
-            reason = "tenant_cap"
-            self._count("refused")
-        elif ttl > 0 and num_blocks:
-            grant = self.table.grant(program_id, blocks, ttl, tool=tool, num_tokens=num_tokens,
-                                     priority=program.first_arrival, now=now)
+        if grant is not None:
             if grant.granted:
                 granted, reason, lease_id = True, "", grant.lease_id
                 self._pinned(program, pin_ref, num_blocks)
             else:
                 reason = "cap"
             self._count("granted" if granted else "refused")
+        elif wanted:
+            reason = "tenant_cap"
+            self._count("refused")
         elif ttl > 0:
             reason = "no_blocks"
         if not granted and program.pin is not None:  # a newer turn supersedes the pinned one
@@ -503,16 +505,22 @@ class EngineKit:
         return FinishOutcome(granted, reason, float(ttl), lease_id, num_blocks if granted else 0,
                              copied and bool(num_blocks), tool, clamped_from)
 
-    def _block_ids(self, blocks) -> list[int]:
-        """The ids as ints in [0, num_blocks), or BadArgumentError naming ``blocks``."""
-        try:
-            ids = list(map(operator.index, blocks))
-        except TypeError:
-            raise BadArgumentError(f"blocks must be a sequence of block ids (ints), got {blocks!r:.60}") from None
-        if ids and (min(ids) < 0 or max(ids) >= self.num_blocks):
-            bad = next(i for i in ids if not 0 <= i < self.num_blocks)
-            raise BadArgumentError(f"blocks: id {bad} is not a block of this engine (0 to {self.num_blocks - 1})")
-        return ids
+    def _retire(self, key: Hashable, turn: Turn, now: float, tool: str | None = None,
+                num_tokens: int = 0) -> None:
+        """The turn leaves flight: its program's counts, and (``tool`` given:
+        a turn after which the program goes on) what the next turn returns to."""
+        del self._turns[key]
+        program = turn.program
+        program.in_flight -= 1
+        program.num_turns += 1
+        self.programs.touch(program, now)
+        if turn.admitted_at is not None and not turn.service_reported:
+            program.attained_s += now - turn.admitted_at
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_every
+            self.programs.forget_idle(now, keep=program.program_id)  # it may be granted a lease next
+        if tool is not None:
+            program.finished_at, program.tool, program.context_tokens = now, tool, num_tokens
 
     def _tenant_has_room(self, program: Program, num_blocks: int) -> bool:
         """Whether a lease of ``num_blocks`` for ``program`` keeps its tenant
