@@ -225,3 +225,16 @@ def test_hints_without_a_program_id_are_reported_to_the_client():
     errors = []
     assert read_hints({"tool": "bash"}, log=logging.getLogger("kvttl.test"), errors=errors) is None
     assert hint_report(errors)["reason"] == "hint_invalid" and "program_id" in errors[0]
+
+
+def test_a_requests_turn_hints_name_its_program_everywhere():
+    # has_lease and release took a raw id plus tenant=, queue_key the scoped TurnHints.key
+    k, engine, clock = kit()
+    scoped = TurnHints("agent", tenant="T1")
+    k.arrived("a1", scoped)
+    assert finish(k, "a1").granted
+    assert k.has_lease(scoped) and k.has_lease("agent", tenant="T1") and not k.has_lease("agent")
+    assert k.lease_of(scoped) is not None
+    with pytest.raises(BadArgumentError, match="not both"):
+        k.has_lease(scoped, tenant="T1")
+    assert k.release(scoped) and not k.has_lease(scoped)

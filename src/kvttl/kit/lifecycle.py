@@ -193,9 +193,17 @@ def _count_of(name: str, value, most: int | None = None) -> int:
     return count
 
 
-def _program_id(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise BadArgumentError(f"program_id must be a str or an int (TurnHints.program_id), got {value!r:.40}")
+def _program_key(program, tenant: str) -> Hashable:
+    """The key of ``program``: a request's TurnHints (already scoped by its
+    tenant), or a client's program id within ``tenant``."""
+    if isinstance(program, TurnHints):
+        if tenant:
+            raise BadArgumentError("pass TurnHints (scoped by their own tenant) or a program id with tenant=, not both")
+        return program.key
+    if isinstance(program, bool) or not isinstance(program, (str, int)):
+        raise BadArgumentError(f"program_id must be a str or an int (TurnHints.program_id), or the request's "
+                               f"TurnHints, got {program!r:.40}")
+    return program_key(program, tenant)
 
 
 def _all_then_raise(items, action) -> None:
@@ -741,15 +749,14 @@ class EngineKit:
     def turn(self, key: Hashable) -> Turn | None:
         return self._turns.get(key)
 
-    def has_lease(self, program_id: Hashable, *, tenant: str = "") -> bool:
-        """Whether the program ``program_id`` of ``tenant`` holds a lease."""
-        _program_id(program_id)
-        program = self.programs.get(program_key(program_id, tenant))
+    def has_lease(self, program_id: Hashable | TurnHints, *, tenant: str = "") -> bool:
+        """Whether the program ``program_id`` of ``tenant`` (or of these
+        TurnHints) holds a lease."""
+        program = self.programs.get(_program_key(program_id, tenant))
         return program is not None and program.pin is not None
 
-    def lease_of(self, program_id: Hashable, *, tenant: str = ""):
-        _program_id(program_id)
-        return self.table.get(program_key(program_id, tenant))
+    def lease_of(self, program_id: Hashable | TurnHints, *, tenant: str = ""):
+        return self.table.get(_program_key(program_id, tenant))
 
     def tenant_pinned_blocks(self, tenant: str = "") -> int:
         """Blocks the leases of ``tenant``'s programs pin (counted per lease)."""
@@ -771,11 +778,10 @@ class EngineKit:
     def num_turns_in_flight(self) -> int:
         return len(self._turns)
 
-    def release(self, program_id: Hashable, *, tenant: str = "") -> bool:
+    def release(self, program_id: Hashable | TurnHints, *, tenant: str = "") -> bool:
         """The program's lease goes now, without a copy out (a router sent its
         next turn to another replica). Whether it held one."""
-        _program_id(program_id)
-        program = self.programs.get(program_key(program_id, tenant))
+        program = self.programs.get(_program_key(program_id, tenant))
         if program is None or program.pin is None:
             return False
         self.table.release(program.program_id)
