@@ -1,7 +1,8 @@
 """The engine kit called wrongly by its engine, or by a hook that fails.
 
 Each case is a finding of an outside review (an engine author adopting the
-kit from the README, 2026-12-06): the call must raise BadArgumentError
+kit from the README, 2026-12-06): the call must raise a KvttlError
+(BadArgumentError, or the lease table's UnknownBlockError for a block id)
 naming what was wrong and change nothing, or, where a hook raised, finish
 its bookkeeping so that no lease is lost or held twice."""
 
