@@ -199,7 +199,7 @@ def test_the_client_hears_of_a_clamped_ttl_only_when_the_clamp_set_the_ttl():
 
 @pytest.mark.parametrize("given, message", [
     ({"max_ttl_s": 10**400}, "max_ttl_s must be a number"),  # was: OverflowError naming no key
-    ({"policy": "fixed:-5s"}, "policy: ttl hint '-5s'"),  # was: named only the ttl hint
+    ({"policy": "fixed:-5s"}, "policy 'fixed:-5s': ttl hint '-5s'"),  # was: named only the ttl hint
     ({"honor_hints": False}, "unknown key 'honor_hints'"),
 ])
 def test_config_errors_name_the_key(given, message):

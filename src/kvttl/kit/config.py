@@ -158,7 +158,7 @@ def load_config(given: Mapping | None, *, source: str = "kvttl config",
         try:
             get_policy(values["policy"])  # an unknown name fails here, listing the known ones
         except BadArgumentError as e:
-            raise BadArgumentError(f"{source}: policy: {e}") from None
+            raise BadArgumentError(f"{source}: {e}") from None  # names the policy
     if "pinned_share_cap" in values:
         values["pinned_share_cap"] = _number(source, "pinned_share_cap", values["pinned_share_cap"], low=0.0, high=1.0)
     if "reload_tokens_per_s" in values:

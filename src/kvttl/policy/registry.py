@@ -114,7 +114,10 @@ def get_policy(name: str, **engine_facts) -> SchedulingPolicy:
     """A fresh bundle by name: a registered name, or ``fixed:<ttl>`` with an
     Anthropic-style duration (``fixed:2s``, ``fixed:5m``)."""
     if name.startswith("fixed:"):
-        seconds = parse_ttl(name[len("fixed:"):])
+        try:
+            seconds = parse_ttl(name[len("fixed:"):])
+        except BadArgumentError as e:
+            raise BadArgumentError(f"policy {name!r}: {e}") from None
         return SchedulingPolicy(
             name=name, description=f"pin every non-final turn for {seconds:g} s, program FCFS",
             ttl=FixedTTL(seconds), queue_order=program_fcfs, revocation=latest_program_first,

@@ -28,8 +28,24 @@ GiB = 1024**3
 
 
 def _positive(instance, attribute, value):
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise BadArgumentError(f"{attribute.name} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise BadArgumentError(f"{attribute.name} must be a positive number, got {value!r:.40}")
+
+
+def _positive_int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadArgumentError(f"{attribute.name} must be a positive integer, got {value!r:.40}")
+
+
+def _share(instance, attribute, value):
+    """A fraction of a peak: in (0, 1]."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise BadArgumentError(f"{attribute.name} must be a number in (0, 1], got {value!r:.40}")
+
+
+def _non_negative(instance, attribute, value):
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise BadArgumentError(f"{attribute.name} must be a finite number >= 0, got {value!r:.40}")
 
 
 @attrs.frozen(kw_only=True)
@@ -90,7 +106,7 @@ LLAMA_70B = ModelSpec(name="Llama-3.1-70B", num_params=70.6e9, num_layers=80, hi
 class CostModel:
     model: ModelSpec
     gpu: GpuSpec
-    tp: int = attrs.field(default=1, validator=_positive)
+    tp: int = attrs.field(default=1, validator=_positive_int)
     #: Achieved fraction of peak FLOP/s in prefill-heavy steps. Calibrated: 0.4 gives
     #: Llama-3.1-8B on one H100 about 21.7k prefill tokens/s on 8k-token chunks, the top of
     #: the 15-22k tokens/s vLLM measures there (0.6 gave 32.5k, 1.5-2x too fast, which made
@@ -98,20 +114,20 @@ class CostModel:
     #: A lone forward pass measures faster: 0.57-0.59 of peak at 2-16k tokens on an H200
     #: (benchmarks/bench_prefill_gpu.py, transformers' eager Llama-3.1-8B), so 0.4 is on the
     #: expensive side unless scheduling and mixed decode steps eat the difference under load.
-    mfu: float = 0.4
+    mfu: float = attrs.field(default=0.4, validator=_share)
     #: Achieved fraction of HBM bandwidth in decode-heavy steps. Calibrated with the
     #: all-reduce latency below: 8B/H100 decodes a lone request in about 7.9 ms/token and
     #: 70B/4xH100 in about 20 ms (measurements give 20-25 ms; 0.8 and 10 us gave 15.8).
-    mbu: float = 0.7
+    mbu: float = attrs.field(default=0.7, validator=_share)
     #: Scheduler and launch overhead per step. Assumption: 1 ms (vLLM V1 order of magnitude).
-    step_overhead_s: float = 1e-3
+    step_overhead_s: float = attrs.field(default=1e-3, validator=_non_negative)
     #: Latency of one all-reduce under tensor parallelism (two per layer). Assumption:
     #: 25 us, NCCL's small-message all-reduce on 4 NVLink GPUs without CUDA-graph fusion.
-    allreduce_latency_s: float = 25e-6
+    allreduce_latency_s: float = attrs.field(default=25e-6, validator=_non_negative)
     #: Share of GPU memory the engine may use (vLLM's gpu_memory_utilization default).
-    memory_utilization: float = 0.9
+    memory_utilization: float = attrs.field(default=0.9, validator=_share)
     #: Activations, CUDA graphs and workspace, per GPU. Assumption: 4 GiB.
-    reserved_bytes_per_gpu: float = 4 * GiB
+    reserved_bytes_per_gpu: float = attrs.field(default=4 * GiB, validator=_non_negative)
 
     def num_gpu_blocks(self, block_size: int) -> int:
         usable = self.tp * (self.gpu.memory_bytes * self.memory_utilization - self.reserved_bytes_per_gpu)
@@ -168,15 +184,32 @@ def get_preset(name_or_path: str) -> CostModel:
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
     path = Path(name_or_path)
-    if not path.suffix == ".json" or not path.exists():
+    if not path.suffix == ".json":
         raise BadArgumentError(f"unknown preset {name_or_path!r}; known: {', '.join(PRESETS)} (or a .json file)")
+    if not path.exists():
+        raise BadArgumentError(f"preset file {path} does not exist (known presets: {', '.join(PRESETS)})")
+    if not path.is_file():
+        raise BadArgumentError(f"preset file {path} is a directory, not a file")
     try:
         spec = json.loads(path.read_text())
+        if not isinstance(spec, dict):
+            raise BadArgumentError(f"preset file {path}: expected an object {{\"model\": ..., \"gpu\": ...}}, "
+                                   f"got {type(spec).__name__}")
+        missing = [k for k in ("model", "gpu") if k not in spec]
+        if missing:
+            raise BadArgumentError(f"preset file {path}: needs {' and '.join(map(repr, missing))} (a preset's name "
+                                   "or an object of fields)")
         model, gpu = spec.pop("model"), spec.pop("gpu")
+        for what, given in (("model", model), ("gpu", gpu)):
+            if isinstance(given, str) and given not in PRESETS:
+                raise BadArgumentError(f"preset file {path}: {what} {given!r} is not a preset; known: "
+                                       f"{', '.join(PRESETS)}")
         model = PRESETS[model].model if isinstance(model, str) else ModelSpec(**model)
         gpu = PRESETS[gpu].gpu if isinstance(gpu, str) else GpuSpec(**gpu)
         return CostModel(model=model, gpu=gpu, **spec)
-    except BadArgumentError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:
+    except BadArgumentError as e:
+        if str(e).startswith(f"preset file {path}"):
+            raise
+        raise BadArgumentError(f"preset file {path}: {e}") from None
+    except (KeyError, TypeError, ValueError, OSError) as e:
         raise BadArgumentError(f"preset file {path}: {e}") from None

@@ -440,6 +440,8 @@ def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
     path = Path(path)
     if not path.exists():
         raise BadArgumentError(f"trace {path} does not exist")
+    if not path.is_file():
+        raise BadArgumentError(f"trace {path} is a directory, not a file")
     sessions: dict[str, list] = {}
     first_ts: dict[str, float] = {}
     kind = None
