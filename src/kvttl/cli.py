@@ -22,8 +22,8 @@ def _simulate(args) -> int:
         check_output_path(args.plot, "--plot")
     cfg = SweepConfig(
         workload=args.workload, trace=args.trace, preset=args.preset,
-        policies=parse_names(args.policies) if args.policies else tuple(DEFAULT_POLICIES),
-        jps=parse_floats(args.jps, "--jps") if args.jps else None,
+        policies=parse_names(args.policies) if args.policies is not None else tuple(DEFAULT_POLICIES),
+        jps=parse_floats(args.jps, "--jps") if args.jps is not None else None,
         num_programs=args.programs, seed=args.seed, host_tier_gb=args.host_gb,
         num_gpu_blocks=args.gpu_blocks, workers=args.workers, replicas=args.replicas, router=args.router,
     )
@@ -31,10 +31,11 @@ def _simulate(args) -> int:
     progress = False if args.quiet else ("bar" if sys.stderr.isatty() else "lines")
     report = run_sweep(cfg, progress=progress)
     report["config"]["wall_s"] = round(time.perf_counter() - t0, 2)
+    if args.json:  # first: a finished sweep is kept whatever happens after
+        write_json(report, args.json)
     print(format_tables(report))
     print(f"\n{len(report['results'])} runs in {report['config']['wall_s']:.1f} s")
     if args.json:
-        write_json(report, args.json)
         print(f"wrote {args.json}")
     if args.plot:
         write_plot(report, args.plot)
@@ -59,8 +60,8 @@ def main(argv=None) -> int:
                          description="Replays an agent workload through kvttl's core and policies on a modelled "
                                      "engine, for every policy at every load, and prints a table.")
     sim.add_argument("--workload", default="swe-bench", help="swe-bench, bfcl, or a .toml/.json spec file")
-    sim.add_argument("--trace", help="a TraceLab or Dynamo agentic-Mooncake JSONL trace instead of a workload "
-                     "(Mooncake hash_ids, 512 tokens each, say which prompt blocks requests share)")
+    sim.add_argument("--trace", help="a TraceLab, Dynamo agentic-Mooncake or aiperf multi-turn JSONL trace instead "
+                     "of a workload (Mooncake hash_ids, 512 tokens each, say which prompt blocks requests share)")
     sim.add_argument("--preset", default="llama-3.1-8b-h100",
                      help="llama-3.1-8b-h100, llama-3.1-8b-h200, llama-3.1-70b-4xh100, or a .json file")
     sim.add_argument("--policies", help="comma-separated; the first is the baseline (default: all)")

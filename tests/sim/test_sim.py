@@ -443,6 +443,14 @@ def test_simulate_cli_on_a_trace(tmp_path, capsys):
     (["--gpu-blocks", "-5"], ["gpu blocks must be >= 1", "got -5"]),
     (["--json", "/nonexistent-dir/r.json"], ["--json", "does not exist"]),
     (["--plot", "/nonexistent-dir/r.png"], ["--plot", "does not exist"]),
+    # a new user's review (2026-12-06): tracebacks, silent defaults, messages that named the wrong thing
+    (["--jps", "0.4,0.4"], ["0.4", "more than once"]),
+    (["--jps", "0.1,0.10"], ["0.1", "more than once"]),
+    (["--jps", ""], ["--jps", "at least one"]),
+    (["--policies", ""], ["no policies"]),
+    (["--trace", "/tmp"], ["trace /tmp", "directory"]),
+    (["--preset", "/nonexistent-dir/p.json"], ["preset file", "does not exist"]),
+    (["--policies", "vllm,fixed:abc"], ["policy 'fixed:abc'"]),
 ])
 def test_simulate_cli_errors(capsys, args, words):
     assert main(["simulate", "--quiet", *args]) == 2
@@ -469,6 +477,18 @@ _BAD_FILES = {
     "latin1.jsonl": (b'\xff{"session_id": "s"}\n', "not UTF-8"),
     "tools.jsonl": (b'{"session_id": "s", "newly_append_tokens": 9, "output_tokens": 5, "tools": [7]}\n',
                     "each of 'tools' must be an object"),
+    # preset files (--preset): were IsADirectoryError, AttributeError, ZeroDivisionError, TypeError
+    "preset-number.json": (b"42", "expected an object"),
+    "preset-mfu0.json": (b'{"model": "llama-3.1-8b-h100", "gpu": "llama-3.1-8b-h100", "mfu": 0}', "mfu must be"),
+    "preset-mfu-text.json": (b'{"model": "llama-3.1-8b-h100", "gpu": "llama-3.1-8b-h100", "mfu": "high"}',
+                             "mfu must be"),
+    "preset-mfu-neg.json": (b'{"model": "llama-3.1-8b-h100", "gpu": "llama-3.1-8b-h100", "mfu": -0.4}', "mfu must be"),
+    "preset-tp.json": (b'{"model": "llama-3.1-8b-h100", "gpu": "llama-3.1-8b-h100", "tp": 1.5}', "tp must be"),
+    "preset-mem.json": (b'{"model": "llama-3.1-8b-h100", "gpu": "llama-3.1-8b-h100", "memory_utilization": 3}',
+                        "memory_utilization must be"),
+    "preset-typo.json": (b'{"model": "llama-3.1-8b", "gpu": "llama-3.1-8b-h100"}',
+                         "model 'llama-3.1-8b' is not a preset"),
+    "preset-nomodel.json": (b'{"gpu": "llama-3.1-8b-h100"}', "needs 'model'"),
 }
 
 
@@ -477,7 +497,7 @@ def test_simulate_cli_bad_files_give_one_error_line(tmp_path, capsys, name):
     content, words = _BAD_FILES[name]
     path = tmp_path / name
     path.write_bytes(content)
-    flag = "--trace" if name.endswith(".jsonl") else "--workload"
+    flag = "--trace" if name.endswith(".jsonl") else "--preset" if name.startswith("preset") else "--workload"
     extra = ["--programs", "4", "--jps", "0.1", "--policies", "vllm"] if name == "runaway.json" else []
     assert main(["simulate", "--quiet", "--workers", "1", flag, str(path), "--jps", "1", *extra]) == 2
     err = capsys.readouterr().err
@@ -707,3 +727,44 @@ def test_the_gittins_order_beats_program_fcfs_on_mixed_program_lengths():
     assert short.sum() >= 10
     assert np.mean(gittins.jct_s) < 0.985 * np.mean(fcfs.jct_s)
     assert np.mean(gittins.jct_s[short]) < 0.85 * np.mean(fcfs.jct_s[short])
+
+
+def test_simulate_cli_a_preset_that_is_a_directory_is_one_error_line(tmp_path, capsys):
+    folder = tmp_path / "dir.json"
+    folder.mkdir()
+    assert main(["simulate", "--quiet", "--preset", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "directory" in err, err
+
+
+def _table(capsys, *args):
+    assert main(["simulate", "--quiet", "--workers", "1", "--programs", "6", "--jps", "0.4", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_summary_never_calls_a_lone_policy_beside_the_oracle_a_tie(capsys):
+    # was: "every policy is within 1% of the others: a tie" with vllm at 1.49x the oracle's JCT
+    out = _table(capsys, "--policies", "vllm,oracle")
+    assert "a tie" not in out and "within 1%" not in out and "oracle (a clairvoyant bound" in out
+    out = _table(capsys, "--policies", "kvttl")
+    assert "a tie" not in out and "within 1%" not in out and "best at" not in out
+
+
+def test_the_table_keeps_its_columns_under_a_long_baseline_name(capsys):
+    # was: "vs continuum-preview" over a 10-character column shifted every column after it
+    out = _table(capsys, "--policies", "continuum-preview,kvttl")
+    lines = out.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("jps"))
+    row = next(line for line in lines if " kvttl " in line and "x " in line)
+    assert header.index("jobs/s") + len("jobs/s") == row.index(row.split()[6]) + len(row.split()[6])
+
+
+def test_a_trace_replay_reports_and_plots_the_programs_it_ran(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    # was: "60 programs" in the JSON and the plot's title for a 4-session trace, and a load axis at 0 jobs/s
+    out = tmp_path / "r.json"
+    assert main(["simulate", "--quiet", "--workers", "1", "--trace", str(DATA / "mooncake_sample.jsonl"),
+                 "--policies", "vllm,kvttl", "--json", str(out), "--plot", str(tmp_path / "r.png")]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["programs_run"] == report["results"][0]["num_programs"] < 60
+    assert (tmp_path / "r.png").stat().st_size > 1000

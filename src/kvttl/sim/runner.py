@@ -89,6 +89,9 @@ class SweepConfig:
         for x in self.jps or ():
             if not (x > 0 and np.isfinite(x)):
                 raise BadArgumentError(f"loads must be positive jobs per second, got {x!r}")
+        again = sorted({f"{x:g}" for x in self.jps or () if list(self.jps).count(x) > 1})
+        if again:
+            raise BadArgumentError(f"loads: {', '.join(again)} given more than once")
         if not 1 <= self.num_programs <= MAX_PROGRAMS:
             raise BadArgumentError(f"programs must be between 1 and {MAX_PROGRAMS}, got {self.num_programs}")
         if not 0 <= self.seed < 2**63:
@@ -190,8 +193,10 @@ def run_sweep(cfg: SweepConfig, *, progress: bool | str = True) -> dict:
                                  "num_programs": int(mask.sum()),
                                  "mean_jct_s": float(np.mean(np.array(r["jct_s"])[mask])),
                                  "speedup_vs_baseline": base_mean / float(np.mean(np.array(r["jct_s"])[mask]))})
+    # a trace may hold fewer programs than asked for: what ran, beside what was asked
+    ran = rows[0]["num_programs"] if rows else cfg.num_programs
     return {"results": rows, "by_turns": by_turns, "config": {**attrs.asdict(cfg), "loads": list(cfg.loads()),
-                                                               "baseline": baseline}}
+                                                               "baseline": baseline, "programs_run": ran}}
 
 
 #: a policy that re-prefilled this share of its prompt tokens because the host
@@ -205,12 +210,13 @@ def format_tables(report: dict) -> str:
     key = "jct_speedup_vs_" + baseline.replace("-", "_")
     lines = []
     source = cfg["trace"] or cfg["workload"]
-    run = report["results"][0]["num_programs"] if report["results"] else cfg["num_programs"]  # a trace may hold fewer
+    run = cfg.get("programs_run", cfg["num_programs"])
     lines.append(f"kvttl simulate: {source}, {run} programs, preset {cfg['preset']}, "
                  f"host tier {cfg['host_tier_gb']:g} GB, seed {cfg['seed']}"
                  + (f", {cfg['replicas']} replicas behind a {cfg['router']} router (loads are the fleet's)"
                     if cfg.get("replicas", 1) > 1 else ""))
-    header = (f"{'jps':>6} {'policy':<18} {'mean JCT s':>10} {'p50':>8} {'p95':>8} {'vs ' + baseline:>10} "
+    versus = max(10, len("vs " + baseline))  # a long baseline name widens its column, not the next ones
+    header = (f"{'jps':>6} {'policy':<18} {'mean JCT s':>10} {'p50':>8} {'p95':>8} {'vs ' + baseline:>{versus}} "
               f"{'jobs/s':>7} {'hit':>6} {'host':>6} {'queue s':>8} {'leases g/hit/exp/rev':>22} {'preempt':>7}")
     lines.append(header)
     lines.append("-" * len(header))
@@ -220,14 +226,16 @@ def format_tables(report: dict) -> str:
             leases = f"{r['leases_granted']}/{r['leases_hit']}/{r['leases_expired']}/{r['leases_revoked']}"
             lines.append(
                 f"{'trace' if jps == TRACE_TIMES else format(jps, 'g'):>6} {r['policy']:<18} {r['mean_jct_s']:>10.1f} {r['p50_jct_s']:>8.1f} {r['p95_jct_s']:>8.1f} "
-                f"{r[key]:>9.2f}x {r['throughput_jobs_per_s']:>7.3f} {r['prefix_hit_rate']:>6.1%} "
+                f"{r[key]:>{versus - 1}.2f}x {r['throughput_jobs_per_s']:>7.3f} {r['prefix_hit_rate']:>6.1%} "
                 f"{r['host_reload_rate']:>6.1%} {r['mean_queue_delay_s']:>8.2f} {leases:>22} {r['preemptions']:>7}")
         bound = next((r for r in rows if r["policy"] in BOUNDS), None)
         rows = [r for r in rows if r["policy"] not in BOUNDS] or rows
         best = min(rows, key=lambda r: r["mean_jct_s"])
         worst = max(r["mean_jct_s"] for r in rows)
         ahead = [r["policy"] for r in rows if r["mean_jct_s"] <= best["mean_jct_s"] * TIE]
-        if worst <= best["mean_jct_s"] * TIE:
+        if len(rows) == 1:
+            pass  # one policy to choose: nothing to rank, and no tie
+        elif worst <= best["mean_jct_s"] * TIE:
             lines.append(f"{'':>6} at {load_text(jps)} every policy is within 1% of the others: a tie (the KV "
                          "cache is not under pressure here, or the workload gives pins nothing to save)")
         elif len(ahead) > 1:
@@ -273,24 +281,32 @@ def write_plot(report: dict, path: str) -> None:
         raise BadArgumentError("--plot needs matplotlib: pip install 'kvttl[plot]'") from None
     cfg = report["config"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in cfg["policies"]:
-        rows = sorted((r for r in report["results"] if r["policy"] == name), key=lambda r: r["jps"])
-        left.plot([r["jps"] for r in rows], [r["mean_jct_s"] for r in rows], marker="o", label=name)
-    left.set_xlabel("load (jobs per second)")
-    left.set_ylabel("mean job completion time (s)")
-    left.set_title("Mean JCT against load")
+    if cfg["loads"] == [TRACE_TIMES]:  # a trace's own arrival times: one run per policy, no load axis
+        rows = [next(r for r in report["results"] if r["policy"] == name) for name in cfg["policies"]]
+        left.barh([r["policy"] for r in rows], [r["mean_jct_s"] for r in rows])
+        left.invert_yaxis()
+        left.set_xlabel("mean job completion time (s)")
+        left.set_title("Mean JCT at the trace's arrival times")
+    else:
+        for name in cfg["policies"]:
+            rows = sorted((r for r in report["results"] if r["policy"] == name), key=lambda r: r["jps"])
+            left.plot([r["jps"] for r in rows], [r["mean_jct_s"] for r in rows], marker="o", label=name)
+        left.set_xlabel("load (jobs per second)")
+        left.set_ylabel("mean job completion time (s)")
+        left.set_title("Mean JCT against load")
+        left.legend(fontsize=8)
     left.grid(alpha=0.3)
-    left.legend(fontsize=8)
     top = max(cfg["loads"])
     for r in (r for r in report["results"] if r["jps"] == top):
         jct = np.sort(r["jct_s"])
         right.step(jct, np.arange(1, len(jct) + 1) / len(jct), where="post", label=r["policy"])
     right.set_xlabel("job completion time (s)")
     right.set_ylabel("fraction of programs")
-    right.set_title(f"JCT CDF at {top:g} jobs/s")
+    right.set_title(f"JCT CDF at {load_text(top)}")
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
-    fig.suptitle(f"{cfg['trace'] or cfg['workload']} on {cfg['preset']}, {cfg['num_programs']} programs")
+    fig.suptitle(f"{cfg['trace'] or cfg['workload']} on {cfg['preset']}, "
+                 f"{cfg.get('programs_run', cfg['num_programs'])} programs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
