@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from kvttl.errors import KvttlError
+from kvttl.errors import BadArgumentError, KvttlError
 
 
 def _simulate(args) -> int:
@@ -15,17 +15,21 @@ def _simulate(args) -> int:
     from kvttl.sim.runner import (SweepConfig, check_output_path, check_plot_available, format_tables, parse_floats,
                                   parse_names, run_sweep, write_json, write_plot)
 
+    if args.trace is not None and args.workload is not None:
+        raise BadArgumentError("give --workload or --trace, not both (a trace is the workload)")
+    if args.router is not None and args.replicas == 1:
+        raise BadArgumentError("--router routes between replicas: give --replicas 2 or more")
     if args.json:
         check_output_path(args.json, "--json")
     if args.plot:
         check_plot_available()
         check_output_path(args.plot, "--plot")
     cfg = SweepConfig(
-        workload=args.workload, trace=args.trace, preset=args.preset,
+        workload=args.workload or "swe-bench", trace=args.trace, preset=args.preset,
         policies=parse_names(args.policies) if args.policies is not None else tuple(DEFAULT_POLICIES),
         jps=parse_floats(args.jps, "--jps") if args.jps is not None else None,
         num_programs=args.programs, seed=args.seed, host_tier_gb=args.host_gb,
-        num_gpu_blocks=args.gpu_blocks, workers=args.workers, replicas=args.replicas, router=args.router,
+        num_gpu_blocks=args.gpu_blocks, workers=args.workers, replicas=args.replicas, router=args.router or "session",
     )
     t0 = time.perf_counter()
     progress = False if args.quiet else ("bar" if sys.stderr.isatty() else "lines")
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
     sim = sub.add_parser("simulate", help="compare scheduling policies on a simulated agent workload",
                          description="Replays an agent workload through kvttl's core and policies on a modelled "
                                      "engine, for every policy at every load, and prints a table.")
-    sim.add_argument("--workload", default="swe-bench", help="swe-bench, bfcl, or a .toml/.json spec file")
+    sim.add_argument("--workload", help="swe-bench, bfcl, or a .toml/.json spec file (default swe-bench)")
     sim.add_argument("--trace", help="a TraceLab, Dynamo agentic-Mooncake or aiperf multi-turn JSONL trace instead "
                      "of a workload (Mooncake hash_ids, 512 tokens each, say which prompt blocks requests share)")
     sim.add_argument("--preset", default="llama-3.1-8b-h100",
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
     sim.add_argument("--workers", type=int, default=0, help="processes (default: min(2, cores))")
     sim.add_argument("--replicas", type=int, default=1,
                      help="engine replicas behind one router; --jps is then the whole fleet's load (default 1)")
-    sim.add_argument("--router", default="session",
+    sim.add_argument("--router",
                      help="with --replicas: round-robin, least-loaded, session (consistent hash on the program id) "
                           "or lease-aware (stay with the lease unless its queue is long) (default session)")
     sim.add_argument("--json", help="write results as JSON here")

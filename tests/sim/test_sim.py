@@ -451,6 +451,8 @@ def test_simulate_cli_on_a_trace(tmp_path, capsys):
     (["--trace", "/tmp"], ["trace /tmp", "directory"]),
     (["--preset", "/nonexistent-dir/p.json"], ["preset file", "does not exist"]),
     (["--policies", "vllm,fixed:abc"], ["policy 'fixed:abc'"]),
+    (["--workload", "bfcl", "--trace", "t.jsonl"], ["--workload or --trace, not both"]),
+    (["--router", "round-robin"], ["--replicas 2 or more"]),
 ])
 def test_simulate_cli_errors(capsys, args, words):
     assert main(["simulate", "--quiet", *args]) == 2
