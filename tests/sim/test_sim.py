@@ -685,7 +685,8 @@ def test_trace_times_are_rebased_and_judged_on_the_sessions_that_run(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     assert [p.arrival_s for p in load_trace(path, max_programs=2)] == [0.0, 2.0]
     assert SweepConfig(trace=str(path), num_programs=2).loads() == (TRACE_TIMES,)
-    assert SweepConfig(trace=str(path), num_programs=3).loads() != (TRACE_TIMES,)
+    with pytest.raises(BadArgumentError, match="1 of 3 sessions have no timestamp"):  # was: Poisson, silently
+        SweepConfig(trace=str(path), num_programs=3).loads()
 
 
 def test_the_readmes_simulator_table_is_what_the_code_produces(tmp_path):
@@ -770,3 +771,15 @@ def test_a_trace_replay_reports_and_plots_the_programs_it_ran(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["config"]["programs_run"] == report["results"][0]["num_programs"] < 60
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_a_trace_with_some_arrival_times_says_so(tmp_path, capsys):
+    # was: it fell back to Poisson arrivals at the swe-bench loads without a word
+    trace = tmp_path / "partial.jsonl"
+    trace.write_text('{"session_id": "a", "timestamp": 1000, "input_length": 900, "output_length": 20}\n'
+                     '{"session_id": "b", "input_length": 800, "output_length": 20}\n')
+    assert main(["simulate", "--quiet", "--workers", "1", "--trace", str(trace), "--policies", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 of 2 sessions have no timestamp" in err, err
+    assert main(["simulate", "--quiet", "--workers", "1", "--trace", str(trace), "--policies", "vllm",
+                 "--jps", "0.5"]) == 0

@@ -16,7 +16,7 @@ from kvttl.policy import DEFAULT_POLICIES, get_policy
 from kvttl.sim.cost import get_preset
 from kvttl.sim.engine import EngineConfig, Simulator
 from kvttl.sim.fleet import ROUTERS, Fleet
-from kvttl.sim.workload import generate, get_workload, load_trace, replay_future
+from kvttl.sim.workload import PartialArrivalTimes, generate, get_workload, load_trace, replay_future
 
 __all__ = ["SweepConfig", "run_sweep", "format_tables", "write_plot", "write_json", "DEFAULT_JPS", "TURN_BUCKETS"]
 
@@ -43,6 +43,8 @@ def load_text(jps: float) -> str:
 def _trace_has_times(path: str, mtime: float, max_programs: int) -> bool:
     try:
         load_trace(path, max_programs=max_programs)
+    except PartialArrivalTimes:
+        raise  # some times, not all: say so, rather than replay none of them
     except BadArgumentError:
         return False
     return True

@@ -426,6 +426,11 @@ def _mooncake_turn(row, path, lineno):
 MOONCAKE_HASH_BLOCK_TOKENS = 512
 
 
+class PartialArrivalTimes(BadArgumentError):
+    """Some sessions of a trace have arrival times and some do not: neither
+    replaying its times nor ignoring them is what its author meant."""
+
+
 def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
                max_programs: int | None = None, hash_block_tokens: int = MOONCAKE_HASH_BLOCK_TOKENS) -> list[Program]:
     """Programs from a TraceLab or Dynamo agentic-Mooncake JSONL trace (told
@@ -471,6 +476,10 @@ def load_trace(path: str | Path, *, jps: float | None = None, seed: int = 0,
     elif kind == "mooncake" and all(s in first_ts for s in ids):
         arrivals = np.array([first_ts[s] for s in ids])
         arrivals -= arrivals.min()  # epoch timestamps: the first session arrives at 0
+    elif kind == "mooncake" and any(s in first_ts for s in ids):
+        untimed = sum(s not in first_ts for s in ids)
+        raise PartialArrivalTimes(f"trace {path}: {untimed} of {len(ids)} sessions have no timestamp on their "
+                                  "first row; give every one a timestamp, or pass a load (jobs per second)")
     else:
         raise BadArgumentError(f"trace {path}: no arrival times in it; pass a load (jobs per second)")
     programs = []
