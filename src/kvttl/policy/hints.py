@@ -221,7 +221,6 @@ def parse_turn_hints(payload: Mapping | None, *, tenant: str = "", quota: str = 
             raise BadArgumentError(f"kvttl hints without a program_id are ignored; got "
                                    f"{', '.join(sorted(repr(k)[:40] for k in payload)[:8])}")
         return None
-    _check_program_id(None, None, program)
     warnings = [f"unknown hint {name} ignored; known: {', '.join(_HINT_FIELDS)}" for name in unknown[:8]]
     ttl = None
     if payload.get("ttl") is not None:
