@@ -23,6 +23,7 @@ from kvttl.errors import (
     InternalError,
     KvttlError,
     OutOfBlocksError,
+    PolicyError,
     UnknownBlockError,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "UnknownBlockError",
     "DoubleFreeError",
     "OutOfBlocksError",
+    "PolicyError",
     "InternalError",
     "build_info",
     "cuda_probe",

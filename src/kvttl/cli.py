@@ -19,6 +19,8 @@ def _simulate(args) -> int:
         raise BadArgumentError("give --workload or --trace, not both (a trace is the workload)")
     if args.router is not None and args.replicas == 1:
         raise BadArgumentError("--router routes between replicas: give --replicas 2 or more")
+    if args.import_modules is not None and not parse_names(args.import_modules):
+        raise BadArgumentError("--import: no module named (give mypkg.policies, or leave --import out)")
     if args.json:
         check_output_path(args.json, "--json")
     if args.plot:
@@ -30,6 +32,7 @@ def _simulate(args) -> int:
         jps=parse_floats(args.jps, "--jps") if args.jps is not None else None,
         num_programs=args.programs, seed=args.seed, host_tier_gb=args.host_gb,
         num_gpu_blocks=args.gpu_blocks, workers=args.workers, replicas=args.replicas, router=args.router or "session",
+        policy_modules=parse_names(args.import_modules) if args.import_modules is not None else (),
     )
     t0 = time.perf_counter()
     progress = False if args.quiet else ("bar" if sys.stderr.isatty() else "lines")
@@ -69,6 +72,9 @@ def main(argv=None) -> int:
     sim.add_argument("--preset", default="llama-3.1-8b-h100",
                      help="llama-3.1-8b-h100, llama-3.1-8b-h200, llama-3.1-70b-4xh100, or a .json file")
     sim.add_argument("--policies", help="comma-separated; the first is the baseline (default: all)")
+    sim.add_argument("--import", dest="import_modules", metavar="MODULES",
+                     help="comma-separated modules to import first, which register policies of their own "
+                          "(kvttl.policy.register_policy); they must be importable, e.g. on PYTHONPATH")
     sim.add_argument("--jps", help="comma-separated loads in jobs per second (default: light to saturated)")
     sim.add_argument("--programs", type=int, default=60, help="programs per run (default 60)")
     sim.add_argument("--seed", type=int, default=0)

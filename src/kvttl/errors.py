@@ -13,6 +13,7 @@ __all__ = [
     "UnknownBlockError",
     "DoubleFreeError",
     "OutOfBlocksError",
+    "PolicyError",
     "InternalError",
 ]
 
@@ -37,6 +38,13 @@ class DoubleFreeError(KvttlError):
 
 class OutOfBlocksError(KvttlError):
     """A request no state of the pool could meet (more blocks than it has)."""
+
+
+class PolicyError(KvttlError):
+    """A scheduling policy's own code (a TTL policy, a queue or revocation
+    order) raised or returned something unusable. A live engine's kit skips
+    the policy at that call and counts it (``EngineKit.policy_errors``);
+    the simulator raises this at the end of the run, naming the policy."""
 
 
 class InternalError(KvttlError):

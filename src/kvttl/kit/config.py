@@ -15,8 +15,8 @@ from typing import Any
 
 import attrs
 
-from kvttl.errors import BadArgumentError
-from kvttl.policy import MAX_TTL_S, OFFLOAD_MODES, get_policy
+from kvttl.errors import BadArgumentError, KvttlError
+from kvttl.policy import MAX_TTL_S, OFFLOAD_MODES, get_policy, import_policy_modules
 from kvttl.policy.hints import MAX_TOOL_BYTES, is_tool_name
 
 __all__ = ["KitConfig", "load_config", "CONFIG_KEYS", "MAX_TOOL_PRIORS"]
@@ -41,6 +41,10 @@ def _as_pairs(given) -> tuple:
 class KitConfig:
     #: the scheduling policy bundle (``kvttl info`` lists them; ``fixed:<ttl>`` works too)
     policy: str = "continuum"
+    #: modules to import first, which register policies of their own
+    #: (``kvttl.policy.register_policy``): how a policy in the user's code reaches
+    #: an engine started from the command line
+    policy_modules: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     #: most of the engine's blocks that leases may pin at once, in [0, 1]
     pinned_share_cap: float = 0.8
     #: prefill rate behind Reload(r): the prior, until the engine's own steps
@@ -152,13 +156,15 @@ def load_config(given: Mapping | None, *, source: str = "kvttl config",
         else:
             known = sorted(CONFIG_KEYS + tuple(extra_keys))
             raise BadArgumentError(f"{source}: unknown key {key!r}; known: {', '.join(known)}")
+    if "policy_modules" in values:  # first: they may register the policy named
+        values["policy_modules"] = import_policy_modules(values["policy_modules"], source=f"{source}: policy_modules")
     if "policy" in values:
         if not isinstance(values["policy"], str):
             raise BadArgumentError(f"{source}: policy must be a policy name, got {values['policy']!r}")
         try:
-            get_policy(values["policy"])  # an unknown name fails here, listing the known ones
-        except BadArgumentError as e:
-            raise BadArgumentError(f"{source}: {e}") from None  # names the policy
+            get_policy(values["policy"])  # an unknown name, or a factory that fails, fails here
+        except KvttlError as e:
+            raise type(e)(f"{source}: {e}") from None  # names the policy
     if "pinned_share_cap" in values:
         values["pinned_share_cap"] = _number(source, "pinned_share_cap", values["pinned_share_cap"], low=0.0, high=1.0)
     if "reload_tokens_per_s" in values:

@@ -25,7 +25,9 @@ passes an agreed ``now``.
 
 from __future__ import annotations
 
+import logging
 import math
+import numbers
 import operator
 import time
 from typing import Callable, Hashable, NamedTuple, Protocol
@@ -33,12 +35,12 @@ from typing import Callable, Hashable, NamedTuple, Protocol
 import attrs
 
 import kvttl
-from kvttl.errors import BadArgumentError
+from kvttl.errors import BadArgumentError, KvttlError
 from kvttl.kit.config import KitConfig
 from kvttl.kit.costs import HostCosts, StepCosts
 from kvttl.kit.programs import Program, ProgramTable
 from kvttl.policy import (GittinsOrder, QueueEntry, ReloadModel, SchedulingPolicy, TurnContext, TurnHints, get_policy,
-                          is_tool_name, program_fcfs, program_key)
+                          import_policy_modules, is_tool_name, program_fcfs, program_key)
 
 __all__ = ["EngineKit", "EngineHooks", "Turn", "FinishOutcome", "LEASE_EVENTS", "REFUSAL_REASONS", "hint_report"]
 
@@ -55,9 +57,12 @@ REVOCATION_CAUSES = ("idle", "turn", "request", "engine")
 #: Why a finished turn holds no lease (``FinishOutcome.reason``): the policy
 #: chose no TTL; the pinned-share cap refused the grant; its tenant's pin
 #: share (``config.tenant_pinned_share``) did; the turn left no full block;
-#: the client said it was the last turn; it was aborted; or (the adapter's,
-#: ``hint_report``) its hints were unusable, so kvttl never saw it.
-REFUSAL_REASONS = ("policy", "cap", "tenant_cap", "no_blocks", "last_turn", "aborted", "hint_invalid")
+#: the client said it was the last turn; it was aborted; the policy's
+#: ``ttl()`` raised or returned no usable TTL (``EngineKit.policy_errors``);
+#: or (the adapter's, ``hint_report``) its hints were unusable, so kvttl never saw it.
+REFUSAL_REASONS = ("policy", "cap", "tenant_cap", "no_blocks", "last_turn", "aborted", "policy_error", "hint_invalid")
+
+logger = logging.getLogger("kvttl.kit")
 
 #: Kit seconds between sweeps for quiet idle programs, at most (a quarter of
 #: config.forget_after_s when that is shorter).
@@ -168,6 +173,21 @@ def hint_report(errors: list[str]) -> dict:
 
 
 _HELD = object()  # stands for a hold whose engine handle is None
+_FAILED = object()  # what a policy call that raised returns (EngineKit._ask)
+
+
+def _is_seconds(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0  # (NaN is not >= 0)
+
+
+def _is_sort_key(key) -> bool:
+    """A tuple of numbers, none NaN: what any two queue keys can be compared by."""
+    if type(key) is not tuple:
+        return False
+    for x in key:
+        if not (x.__class__ in (float, int, bool) or isinstance(x, numbers.Real)) or x != x:
+            return False
+    return True
 
 
 def _finite(name: str, value):
@@ -266,7 +286,10 @@ class EngineKit:
         self.host_costs = HostCosts(kv_bytes_per_token=kv_bytes_per_token) if learn and has_host_tier else None
         self.reload = reload or ReloadModel(b=1.0 / self.config.reload_tokens_per_s)
         self._costs_seen = 0  # observations already folded into self.reload
-        self.policy = policy or get_policy(self.config.policy, capacity_blocks=num_blocks, reload=self.reload)
+        if policy is None:
+            import_policy_modules(self.config.policy_modules)
+            policy = get_policy(self.config.policy, capacity_blocks=num_blocks, reload=self.reload)
+        self.policy = policy
         if ordinal_arrivals:
             self.config = attrs.evolve(self.config, max_queue_jump_s=None, max_queue_jump_prefills=None)
             order = program_fcfs if isinstance(self.policy.queue_order, GittinsOrder) else self.policy.queue_order
@@ -303,6 +326,28 @@ class EngineKit:
         self.times_first_tokens = False
         #: keys of returning turns admitted and not yet at their first token
         self.awaiting_first_token: set[Hashable] = set()
+        #: calls into the policy's own code that raised or returned something unusable. The
+        #: kit skipped the policy at each (no pin; the default queue or revocation order;
+        #: nothing learned) and went on: a bug in a policy never stops the engine or
+        #: leaves a hold behind. The first is logged, and kept here, naming the call.
+        self.policy_errors = 0
+        self.first_policy_error: str | None = None
+
+    def _policy_failed(self, call: str, problem: str) -> None:
+        self.policy_errors += 1
+        self.changes += 1
+        if self.first_policy_error is None:
+            self.first_policy_error = f"{call}: {problem}"
+            logger.error("kvttl: policy %r: %s: %s. The kit skips the policy where it fails and counts each "
+                         "failure in EngineKit.policy_errors; this is logged once.", self.policy.name, call, problem)
+
+    def _ask(self, call: str, fn, *args, default=_FAILED):
+        """``fn(*args)``, one of the policy's own methods; ``default`` when it raises."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 -- the policy's code, not the kit's
+            self._policy_failed(call, f"raised {type(e).__name__}: {e}")
+            return default
 
     def _offload_mode(self) -> str:
         if not self.has_host_tier:
@@ -342,7 +387,7 @@ class EngineKit:
             self.programs.touch(program, now)
             if program.finished_at is not None and program.in_flight == 0:
                 gap = max(0.0, now - program.finished_at)
-                self.policy.ttl.on_tool_return(program.tool, gap)
+                self._ask("on_tool_return()", self.policy.ttl.on_tool_return, program.tool, gap)
                 # Queue age counts only while the program is active: a gap
                 # longer than any lease the server grants is dormancy, after
                 # which the program is as old as this request, so an old id
@@ -390,7 +435,7 @@ class EngineKit:
                 turn.prefill_tokens = max(0, prompt - device_hit_tokens)
                 self.awaiting_first_token.add(key)
             else:
-                self.policy.ttl.on_admitted(now - turn.arrived_at, lost)
+                self._ask("on_admitted()", self.policy.ttl.on_admitted, now - turn.arrived_at, lost)
         if program.pin is not None:
             self.table.release(program.program_id)
             self._lease_gone(program, "released")
@@ -415,7 +460,7 @@ class EngineKit:
         lost, turn.lost_context = turn.lost_context, None
         self.awaiting_first_token.discard(key)
         delay = max(0.0, now - turn.arrived_at - self.reload.prefill_s(turn.prefill_tokens))
-        self.policy.ttl.on_admitted(delay, lost)
+        self._ask("on_admitted()", self.policy.ttl.on_admitted, delay, lost)
 
     def finished(self, key: Hashable, *, blocks, num_tokens: int, free_blocks: int, pin_ref=None,
                  tool: str | None = None, aborted: bool = False, now: float | None = None) -> FinishOutcome | None:
@@ -457,9 +502,9 @@ class EngineKit:
                 self.table.release(program_id)
                 self._lease_gone(program, "released")
             if hints.last_turn and not aborted:
-                self.policy.ttl.on_program_finished(program.num_turns)
+                self._ask("on_program_finished()", self.policy.ttl.on_program_finished, program.num_turns)
                 if self._order_learns is not None:
-                    self._order_learns(program.num_turns)
+                    self._ask("queue_order.on_program_finished()", self._order_learns, program.num_turns)
             if program.in_flight == 0:
                 self.programs.remove(program_id)
             return FinishOutcome(False, "aborted" if aborted else "last_turn", tool=tool)
@@ -476,7 +521,13 @@ class EngineKit:
             host_reload_s=self.reload.host_reload_s(num_tokens) if self.has_host_tier else None,
             hint_ttl_s=hint_ttl, free_fraction=free_blocks / self.num_blocks,
             used_tokens=(self.num_blocks - free_blocks) * bs)
-        ttl = min(self.policy.ttl.ttl(context), max_ttl)
+        chosen = self._ask("ttl()", self.policy.ttl.ttl, context)
+        policy_failed = not _is_seconds(chosen)
+        if policy_failed:
+            if chosen is not _FAILED:
+                self._policy_failed("ttl()", f"returned {chosen!r:.60}, not seconds >= 0")
+            chosen = 0.0
+        ttl = min(float(chosen), max_ttl)
         if clamped_from and ttl != hint_ttl:
             clamped_from = 0.0  # the policy chose its own TTL: the clamp is nothing the client got
         wanted = ttl > 0 and num_blocks
@@ -502,12 +553,15 @@ class EngineKit:
             self._count("refused")
         elif ttl > 0:
             reason = "no_blocks"
+        elif policy_failed:
+            reason = "policy_error"
         if not granted and program.pin is not None:  # a newer turn supersedes the pinned one
             self.table.release(program_id)
             self._lease_gone(program, "released")
         mode = self.offload_mode
         copied = mode != "none" and (mode == "on_finish" or (mode == "on_unpin" and not granted)
-                                     or self.policy.ttl.offload(context))
+                                     or self._ask("offload()", lambda: bool(self.policy.ttl.offload(context)),
+                                                  default=False))
         if copied and num_blocks:
             self.hooks.copy_out(pin_ref)
         return FinishOutcome(granted, reason, float(ttl), lease_id, num_blocks if granted else 0,
@@ -572,7 +626,7 @@ class EngineKit:
         program.pinned_blocks = 0
         self._held -= 1
         self._count(reason)
-        self.policy.ttl.on_lease_ended(reason)
+        self._ask("on_lease_ended()", self.policy.ttl.on_lease_ended, reason)
         # last: when the engine's hook raises, the kit's books are already right
         copy_out = reason != "released" and self.offload_mode == "on_unpin"
         self.hooks.unpin(None if handle is _HELD else handle, reason=reason, copy_out=copy_out)
@@ -696,7 +750,13 @@ class EngineKit:
         else:
             at = self._now(now)
             key = lambda lease: order(lease, at)  # noqa: E731
-        result = self.table.revoke(num_blocks, key, num_leases=num_leases, where=where)
+        try:
+            result = self.table.revoke(num_blocks, key, num_leases=num_leases, where=where)
+        except KvttlError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- the order raised, or its keys do not sort: nothing changed
+            self._policy_failed("revocation order", f"{type(e).__name__}: {e}")
+            result = self.table.revoke(num_blocks, "latest_granted", num_leases=num_leases, where=where)
         if result.revoked:
             cause = ("idle" if idle else "turn" if turn is not None
                      else "request" if requester is not None or arrival is not None else "engine")
@@ -718,11 +778,22 @@ class EngineKit:
         most :meth:`max_queue_jump` before the request's own."""
         program = self.programs.get(program_id) if program_id is not None else None
         if program is None:
-            return self.policy.queue_order(QueueEntry(request_arrival, request_arrival, False, 0.0))
-        jump = self.max_queue_jump(program)
-        arrival = program.first_arrival if jump is None else max(program.first_arrival, request_arrival - jump)
-        return self.policy.queue_order(QueueEntry(request_arrival, arrival, program.pin is not None,
-                                                  program.attained_s, program.num_turns))
+            entry = QueueEntry(request_arrival, request_arrival, False, 0.0)
+        else:
+            jump = self.max_queue_jump(program)
+            arrival = program.first_arrival if jump is None else max(program.first_arrival, request_arrival - jump)
+            entry = QueueEntry(request_arrival, arrival, program.pin is not None, program.attained_s,
+                               program.num_turns)
+        try:
+            key = self.policy.queue_order(entry)
+        except Exception as e:  # noqa: BLE001 -- the policy's code
+            problem = f"raised {type(e).__name__}: {e}"
+        else:
+            if _is_sort_key(key):
+                return key
+            problem = f"returned {key!r:.60}, not a tuple of numbers"
+        self._policy_failed("queue_order", problem)
+        return (request_arrival,)  # request FCFS: it sorts beside any tuple of numbers
 
     def max_queue_jump(self, program: Program) -> float | None:
         """Seconds before its own arrival that a turn of ``program`` may

@@ -1,8 +1,10 @@
 """Queue orders (which waiting request runs next) and revocation orders
 (which leases to drop under memory pressure).
 
-A queue order is a function from a ``QueueEntry`` to a sort key, smallest
-first; the engine calls it whenever its waiting queue changed. An order
+A queue order is a function from a ``QueueEntry`` to a sort key, a tuple of
+numbers, smallest first; the engine calls it whenever its waiting queue
+changed (the kit sorts a key that is not such a tuple, or an order that
+raises, as request FCFS, and counts it in ``EngineKit.policy_errors``). An order
 that learns (``GittinsOrder``) also has ``on_program_finished(num_turns)``,
 which the engine kit calls as a program ends; it is per engine, like a TTL
 policy, so it is made fresh with each bundle and is not in ``QUEUE_ORDERS``.
@@ -34,7 +36,11 @@ class QueueEntry(NamedTuple):
 
     #: when this request (turn) arrived
     request_arrival: float
-    #: when its program's first turn arrived
+    #: when its program arrived, as the queue counts it: its first turn's
+    #: arrival, or, where that is longer ago than the aging bound
+    #: (``EngineKit.max_queue_jump``: the operator's and the policy's), the
+    #: bound before ``request_arrival`` (the request's own arrival for a
+    #: request without a program)
     program_arrival: float
     #: whether its program holds a live lease (its context is pinned)
     has_lease: bool

@@ -76,13 +76,21 @@ class TTLPolicy(Protocol):
     """How long to pin a finished turn, and what to learn from the engine.
 
     Subclass it to get the defaults: ``offload`` says no, and the ``on_*``
-    hooks learn nothing. Only ``ttl`` (and ``name``) must be written."""
+    hooks learn nothing. Only ``ttl`` (and ``name``) must be written. The
+    engine calls these on its scheduling path: a method that raises is
+    skipped there (the kit logs the first failure and counts each in
+    ``EngineKit.policy_errors``), and ``kvttl simulate`` stops with a
+    ``PolicyError`` naming the policy."""
 
     name: str
 
     def ttl(self, turn: TurnContext) -> float:
-        """Seconds to pin a finished, non-final turn (0: don't pin, inf: until
-        released or revoked)."""
+        """Seconds to pin a finished, non-final turn: 0 (don't pin) or more;
+        inf pins until released or revoked, within the kit's
+        ``config.max_ttl_s`` (600 s unless the operator sets it; the
+        simulator sets none). Anything else -- NaN, a negative number, None,
+        a bool, or raising -- is a policy error: the kit pins nothing and
+        counts it (``EngineKit.policy_errors``)."""
         ...
 
     def offload(self, turn: TurnContext) -> bool:

@@ -34,7 +34,7 @@ import attrs
 import numpy as np
 
 import kvttl
-from kvttl.errors import BadArgumentError
+from kvttl.errors import BadArgumentError, PolicyError
 from kvttl.kit import EngineKit, KitConfig, payload_from_envelope, read_hints
 from kvttl.policy import SchedulingPolicy, TurnHints, parse_ttl
 from kvttl.sim.cost import CostModel
@@ -548,6 +548,8 @@ class Simulator:
                 _, _, pi, ti = heapq.heappop(self.events)
                 self._arrive(pi, ti)
             self.kit.tick()
+            if self.kit.policy_errors:
+                self._policy_failed()
             if not self.running and not self.waiting:
                 nxt = self.events[0][0] if self.events else math.inf
                 if nxt > t_end:  # idle to the end (finite only: otherwise nxt is finite); a last
@@ -666,6 +668,12 @@ class Simulator:
                     r.blocks.extend(self.pool.allocate(need).tolist())
         return k
 
+    def _policy_failed(self) -> None:
+        """A live engine's kit skips a policy that fails and goes on; a
+        replay stops at once: its numbers would not be the policy's."""
+        raise PolicyError(f"policy {self.policy.name!r} failed at {self.now:.1f} s of the replay at "
+                          f"{self.jps:g} jobs/s: {self.kit.first_policy_error}")
+
     def _advance(self, dt: float) -> None:
         if not dt >= 0:
             raise RuntimeError(f"simulator bug: time would move by {dt} s")
@@ -681,6 +689,8 @@ class Simulator:
         first = min(p.program.arrival_s for p in progs)
         last = max(p.finished_at for p in progs)
         self.kit.release_all()
+        if self.kit.policy_errors:
+            self._policy_failed()
         if self.pool.num_referenced != 0:
             raise RuntimeError(f"simulator leaked {self.pool.num_referenced} GPU blocks")
         c, leases = self.c, self.kit.stats

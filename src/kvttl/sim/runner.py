@@ -12,7 +12,7 @@ import attrs
 import numpy as np
 
 from kvttl.errors import BadArgumentError
-from kvttl.policy import DEFAULT_POLICIES, get_policy
+from kvttl.policy import DEFAULT_POLICIES, get_policy, import_policy_modules
 from kvttl.sim.cost import get_preset
 from kvttl.sim.engine import EngineConfig, Simulator
 from kvttl.sim.fleet import ROUTERS, Fleet
@@ -65,6 +65,8 @@ class SweepConfig:
     #: engine replicas behind one router (kvttl.sim.fleet); the loads are the fleet's
     replicas: int = 1
     router: str = "session"
+    #: modules to import first (in every worker too), which register policies of their own
+    policy_modules: tuple[str, ...] = ()
 
     def loads(self) -> tuple[float, ...]:
         if self.jps:
@@ -80,6 +82,7 @@ class SweepConfig:
     def validate(self) -> None:
         """Fails fast, before any worker starts, on anything malformed: the
         flags, the preset, the workload spec and every row of a trace."""
+        import_policy_modules(self.policy_modules, source="--import")
         get_preset(self.preset)
         if not self.policies:
             raise BadArgumentError("no policies to compare")
@@ -125,6 +128,7 @@ def _programs(cfg: SweepConfig, jps: float):
 
 def _run_one(args) -> dict:
     cfg, policy_name, jps = args
+    import_policy_modules(cfg.policy_modules, source="--import")  # a worker process may start without them
     cost = get_preset(cfg.preset)
     engine = EngineConfig(host_tier_gb=cfg.host_tier_gb, num_gpu_blocks=cfg.num_gpu_blocks)
     blocks = cfg.num_gpu_blocks or cost.num_gpu_blocks(engine.block_size)
