@@ -44,7 +44,7 @@ class PolicyError(KvttlError):
     """A scheduling policy's own code (a TTL policy, a queue or revocation
     order) raised or returned something unusable. A live engine's kit skips
     the policy at that call and counts it (``EngineKit.policy_errors``);
-    the simulator raises this at the end of the run, naming the policy."""
+    the simulator raises this as soon as it sees one, naming the policy."""
 
 
 class InternalError(KvttlError):

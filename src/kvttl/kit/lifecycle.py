@@ -176,8 +176,15 @@ _HELD = object()  # stands for a hold whose engine handle is None
 _FAILED = object()  # what a policy call that raised returns (EngineKit._ask)
 
 
-def _is_seconds(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0  # (NaN is not >= 0)
+def _as_seconds(value) -> float | None:
+    """A TTL as seconds >= 0 (inf included), or None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        seconds = float(value)
+    except (OverflowError, ValueError, TypeError):  # an int past any float, or a Real that will not convert
+        return None
+    return seconds if seconds >= 0 else None  # (NaN is not >= 0)
 
 
 def _is_sort_key(key) -> bool:
@@ -522,12 +529,11 @@ class EngineKit:
             hint_ttl_s=hint_ttl, free_fraction=free_blocks / self.num_blocks,
             used_tokens=(self.num_blocks - free_blocks) * bs)
         chosen = self._ask("ttl()", self.policy.ttl.ttl, context)
-        policy_failed = not _is_seconds(chosen)
-        if policy_failed:
-            if chosen is not _FAILED:
-                self._policy_failed("ttl()", f"returned {chosen!r:.60}, not seconds >= 0")
-            chosen = 0.0
-        ttl = min(float(chosen), max_ttl)
+        seconds = _as_seconds(chosen)
+        policy_failed = seconds is None
+        if policy_failed and chosen is not _FAILED:
+            self._policy_failed("ttl()", f"returned {chosen!r:.60}, not seconds >= 0")
+        ttl = min(seconds or 0.0, max_ttl)
         if clamped_from and ttl != hint_ttl:
             clamped_from = 0.0  # the policy chose its own TTL: the clamp is nothing the client got
         wanted = ttl > 0 and num_blocks
@@ -746,17 +752,17 @@ class EngineKit:
             where = lambda lease: lease.owner != own  # noqa: E731
         order = self._revocation
         if order is None:
-            key = "latest_granted"
+            result = self.table.revoke(num_blocks, "latest_granted", num_leases=num_leases, where=where)
         else:
             at = self._now(now)
-            key = lambda lease: order(lease, at)  # noqa: E731
-        try:
-            result = self.table.revoke(num_blocks, key, num_leases=num_leases, where=where)
-        except KvttlError:
-            raise
-        except Exception as e:  # noqa: BLE001 -- the order raised, or its keys do not sort: nothing changed
-            self._policy_failed("revocation order", f"{type(e).__name__}: {e}")
-            result = self.table.revoke(num_blocks, "latest_granted", num_leases=num_leases, where=where)
+            try:
+                result = self.table.revoke(num_blocks, lambda lease: order(lease, at), num_leases=num_leases,
+                                           where=where)
+            except KvttlError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- the order raised, or its keys do not sort: nothing changed
+                self._policy_failed("revocation order", f"{type(e).__name__}: {e}")
+                result = self.table.revoke(num_blocks, "latest_granted", num_leases=num_leases, where=where)
         if result.revoked:
             cause = ("idle" if idle else "turn" if turn is not None
                      else "request" if requester is not None or arrival is not None else "engine")

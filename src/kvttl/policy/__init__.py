@@ -51,8 +51,8 @@ __all__ = [
     "MAX_TTL_S", "TurnHints", "parse_ttl", "parse_turn_hints", "program_key", "tool_from_output", "is_tool_name",
     "QUEUE_ORDERS", "GittinsOrder", "QueueEntry", "latest_program_first", "least_attained_service",
     "program_fcfs", "request_fcfs",
-    "DEFAULT_POLICIES", "ENGINE_FACTS", "OFFLOAD_MODES", "InferCeptTTL", "SchedulingPolicy", "get_policy", "import_policy_modules",
-    "policy_names", "register_policy", "ReloadModel",
+    "DEFAULT_POLICIES", "ENGINE_FACTS", "OFFLOAD_MODES", "InferCeptTTL", "SchedulingPolicy", "get_policy",
+    "import_policy_modules", "policy_names", "register_policy", "ReloadModel",
     "ContinuumPreviewTTL", "ContinuumTTL", "FixedTTL", "KvttlTTL", "NeverPin", "OracleTTL", "TTLPolicy", "TurnContext",
     "continuum_tau",
 ]
