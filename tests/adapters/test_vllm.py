@@ -304,6 +304,7 @@ def test_lease_metrics_reach_vllms_prometheus_registry(engine):
     metrics = {m.name: m for m in llm.get_metrics()}
     assert metrics["vllm:kvttl_leases_hit"].value >= 1
     assert metrics["vllm:kvttl_leases_released"].value >= 1
+    assert metrics["vllm:kvttl_policy_errors"].value == 0  # exported, and the built-in policy never failed
 
 
 def test_vllms_own_kv_hints_envelope_names_the_program(engine):

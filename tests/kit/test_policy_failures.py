@@ -419,3 +419,15 @@ def test_the_readme_policy_example_runs(tmp_path, monkeypatch, registry_snapshot
         assert finish(k, "a1").ttl_s == 5.0 and finish(k, "b1").reason == "policy"
     finally:
         sys.modules.pop("kvttl_readme_policies", None)
+
+
+def test_policy_failures_are_reported_with_the_kits_counters():
+    from kvttl.kit.metrics import COUNTERS, StatsReporter
+
+    k, engine, clock = kit_with(bundle(Pin(broken={"ttl"})))
+    reporter = StatsReporter()
+    reporter.report(k, {"offloaded_bytes": 0, "reloaded_bytes": 0}, 0)
+    k.arrived("a1", hints("A"))
+    finish(k, "a1")
+    data = reporter.report(k, {"offloaded_bytes": 0, "reloaded_bytes": 0}, 0)
+    assert "policy_errors" in COUNTERS and data["policy_errors"] == 1

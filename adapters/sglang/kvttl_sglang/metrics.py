@@ -14,7 +14,7 @@ rank's own shard.
 from __future__ import annotations
 
 from kvttl.kit import LEASE_EVENTS
-from kvttl.kit.metrics import BYTE_COUNTERS, LEASE_GAUGES, StatsReporter
+from kvttl.kit.metrics import BYTE_COUNTERS, LEASE_GAUGES, POLICY_COUNTERS, StatsReporter
 
 __all__ = ["KvttlMetrics"]
 
@@ -51,6 +51,10 @@ class KvttlMetrics:
             name: _family("counter", f"sglang:kvttl_{name}", f"kvttl host tier: {name.replace('_', ' ')}",
                           names).labels(**values)
             for name in BYTE_COUNTERS})
+        self.counters.update({
+            name: _family("counter", f"sglang:kvttl_{name}", "kvttl: calls into the policy's own code that failed "
+                          "(skipped)", names).labels(**values)
+            for name in POLICY_COUNTERS})
         self.gauges = {
             name: _family("gauge", f"sglang:kvttl_{name}", f"kvttl: {name.replace('_', ' ')} now", names).labels(**values)
             for name in LEASE_GAUGES}

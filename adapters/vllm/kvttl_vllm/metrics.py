@@ -3,14 +3,14 @@ line and the Prometheus registry (``/metrics``, ``LLM.get_metrics()``).
 
 Names and meanings are the kit's (``kvttl.kit.metrics``), under ``vllm:``:
 ``vllm:kvttl_leases_<event>_total``, ``vllm:kvttl_<name>_total`` for host-tier
-bytes, and the gauges ``vllm:kvttl_leases``, ``vllm:kvttl_pinned_blocks``,
+bytes and the policy's failures, and the gauges ``vllm:kvttl_leases``, ``vllm:kvttl_pinned_blocks``,
 ``vllm:kvttl_host_blocks``.
 """
 
 from __future__ import annotations
 
 from kvttl.kit import LEASE_EVENTS
-from kvttl.kit.metrics import BYTE_COUNTERS, COUNTERS, LEASE_GAUGES
+from kvttl.kit.metrics import BYTE_COUNTERS, COUNTERS, LEASE_GAUGES, POLICY_COUNTERS
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.utils import create_metric_per_engine
 
@@ -54,6 +54,11 @@ class KvttlPromMetrics(KVConnectorPromMetrics):
                 name=f"vllm:kvttl_{name}", documentation=f"kvttl host tier: {name.replace('_', ' ')}",
                 labelnames=labelnames), per_engine_labelvalues)
             for name in BYTE_COUNTERS})
+        self.counters.update({
+            name: create_metric_per_engine(self._counter_cls(
+                name=f"vllm:kvttl_{name}", documentation="kvttl: calls into the policy's own code that failed "
+                "(skipped)", labelnames=labelnames), per_engine_labelvalues)
+            for name in POLICY_COUNTERS})
         self.gauges = {
             name: create_metric_per_engine(self._gauge_cls(
                 name=f"vllm:kvttl_{name}", documentation=f"kvttl: {name.replace('_', ' ')} now",

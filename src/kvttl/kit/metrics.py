@@ -5,6 +5,8 @@ prefix (``vllm:``, ``sglang:``):
 
 - ``kvttl_leases_<event>_total`` for each of the kit's LEASE_EVENTS
   (granted, refused, hit, expired, revoked, released);
+- ``kvttl_policy_errors_total``: calls into the policy's own code that
+  failed, which the kit skipped (``EngineKit.policy_errors``);
 - ``kvttl_offloaded_bytes_total`` / ``kvttl_reloaded_bytes_total``: host-tier
   traffic, per worker (per rank);
 - gauges ``kvttl_leases`` (live leases), ``kvttl_pinned_blocks`` (blocks they
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 from kvttl.kit.lifecycle import LEASE_EVENTS
 
-__all__ = ["BYTE_COUNTERS", "COUNTERS", "LEASE_GAUGES", "StatsReporter"]
+__all__ = ["BYTE_COUNTERS", "POLICY_COUNTERS", "COUNTERS", "LEASE_GAUGES", "StatsReporter"]
 
 #: Host-tier traffic, counted; exported as ``<engine>:kvttl_<name>_total``.
 BYTE_COUNTERS = ("offloaded_bytes", "reloaded_bytes")
-COUNTERS = LEASE_EVENTS + BYTE_COUNTERS
+#: The policy's failures, counted; exported as ``<engine>:kvttl_policy_errors_total``.
+POLICY_COUNTERS = ("policy_errors",)
+COUNTERS = LEASE_EVENTS + POLICY_COUNTERS + BYTE_COUNTERS
 #: Levels, exported as gauges: live leases, the blocks they pin, host slots in use.
 LEASE_GAUGES = ("leases", "pinned_blocks", "host_blocks")
 
@@ -38,7 +42,8 @@ class StatsReporter:
         if seen == self._seen:
             return None
         self._seen = seen
-        now = {**kit.stats, **{k: byte_stats[k] for k in BYTE_COUNTERS}, "leases": kit.num_leases,
+        now = {**kit.stats, "policy_errors": kit.policy_errors, **{k: byte_stats[k] for k in BYTE_COUNTERS},
+               "leases": kit.num_leases,
                "pinned_blocks": kit.num_pinned, "host_blocks": host_blocks}
         if now == self._reported:
             return None
