@@ -3,8 +3,9 @@
 
 A queue order is a function from a ``QueueEntry`` to a sort key, a tuple of
 numbers, smallest first; the engine calls it whenever its waiting queue
-changed (the kit sorts a key that is not such a tuple, or an order that
-raises, as request FCFS, and counts it in ``EngineKit.policy_errors``). An order
+changed (where the order raises or returns anything else, the kit uses
+``(request_arrival,)``, request FCFS, and counts it in
+``EngineKit.policy_errors``). An order
 that learns (``GittinsOrder``) also has ``on_program_finished(num_turns)``,
 which the engine kit calls as a program ends; it is per engine, like a TTL
 policy, so it is made fresh with each bundle and is not in ``QUEUE_ORDERS``.
